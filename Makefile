@@ -1,0 +1,38 @@
+# Two entry points on a fresh machine:
+#   make demo   set up, get Fashion-MNIST, train the default config, evaluate kNN
+#   make test   set up, run the tests
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdir
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test data clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+# Debian's dataset-fashion-mnist where apt-get can install it; otherwise the builder downloads
+# the IDX files (or set --config.data.idx_dir).
+data:
+	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; } || \
+	  echo "dataset-fashion-mnist could not be installed: the IDX files will be downloaded"; \
+	fi
+
+demo: $(STAMP) data
+	$(BIN)/python train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
+	$(BIN)/python eval_knn.py --workdir $(WORKDIR)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(WORKDIR)

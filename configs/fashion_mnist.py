@@ -1,0 +1,57 @@
+"""Fashion-MNIST, a small CIFAR-style ResNet: the default config and `make demo`.
+
+    python train.py --config configs/fashion_mnist.py --workdir workdir
+
+Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.model = 'small_resnet'
+  c.low_dim = 128
+  c.dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'fashion_mnist'
+  c.data.data_dir = ''          # TFDS data dir; '' = ~/tensorflow_datasets
+  c.data.idx_dir = ''           # IDX files; '' = /usr/share/datasets/fashion-mnist
+  c.data.download = True        # fetch the IDX files where idx_dir has none
+  c.data.train_split = 'train'
+  c.data.eval_split = 'test'
+  c.data.num_classes = 10
+  c.data.image_size = 28
+  c.data.channels = 1
+  c.data.mean = (0.2860,)
+  c.data.std = (0.3530,)
+  c.data.train_augment = 'crop_flip'
+  c.data.eval_augment = 'none'
+  c.data.num_threads = 1
+  c.data.worker_count = 0
+
+  c.seed = 0
+  c.num_epochs = 4
+  c.batch_size = 128
+  c.grad_accum_steps = 1
+  c.learning_rate = 0.1
+  c.lr_step_epochs = 3
+  c.lr_decay = 0.1
+  c.momentum = 0.9
+  c.nesterov = True
+  c.weight_decay = 5e-4
+
+  c.temperature = 0.05
+  c.margin = 0.0
+  c.memory_momentum = 0.5
+  c.memory_momentum_steps = ()   # ((epoch, value), ...)
+
+  c.knn = ml_collections.ConfigDict()
+  c.knn.k = 30
+  c.knn.sigma = 0.0             # 0 = the temperature
+  c.knn.batch_size = 1000
+
+  c.log_every_steps = 50
+  c.checkpoint_max_to_keep = 2
+  return c

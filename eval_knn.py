@@ -1,0 +1,53 @@
+"""Weighted kNN evaluation of a checkpoint: `python eval_knn.py --workdir DIR`.
+
+Restores the latest checkpoint of DIR (or the one given by --checkpoint), embeds the evaluation
+split, and reports top-1 and top-5 of weighted kNN (K=30, sigma = the temperature by default)
+against the checkpoint's memory bank, or with --recompute against freshly embedded training
+features.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+
+from snca_jax import evaluate
+from snca_jax.data import pipeline
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Training workdir; its latest checkpoint is evaluated.')
+flags.DEFINE_string('checkpoint', None, 'A checkpoint directory (one step, or the directory of '
+                    'steps: the latest is taken). Overrides --workdir.')
+flags.DEFINE_integer('k', None, 'Neighbours (default: the config, 30).')
+flags.DEFINE_float('sigma', None, 'Vote temperature (default: the training temperature).')
+flags.DEFINE_bool('recompute', False, 'Re-embed the training set with the evaluation '
+                  'transform and search it instead of the bank.')
+flags.DEFINE_integer('batch_size', None, 'Evaluation batch size (global).')
+flags.DEFINE_string('data_dir', None, 'TFDS data dir, where it differs from training.')
+flags.DEFINE_string('idx_dir', None, 'Fashion-MNIST IDX files, where they differ from training.')
+flags.DEFINE_string('output', None, 'Also write the results as JSON to this file.')
+
+
+def main(argv):
+  del argv
+  path = FLAGS.checkpoint or FLAGS.workdir
+  if not path:
+    sys.exit('eval_knn.py: give --workdir DIR (a training run) or --checkpoint PATH')
+  try:
+    result = evaluate.evaluate_checkpoint(
+        path, k=FLAGS.k, sigma=FLAGS.sigma, recompute=FLAGS.recompute,
+        batch_size=FLAGS.batch_size,
+        data_overrides={'data_dir': FLAGS.data_dir, 'idx_dir': FLAGS.idx_dir})
+  except (evaluate.EvalError, pipeline.DataError) as e:
+    sys.exit(f'eval_knn.py: {e}')
+  print(f"kNN (K={result['k']}, sigma={result['sigma']:g}, database: {result['database']}) "
+        f"on {result['num_queries']} images, checkpoint step {result['step']}: "
+        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+  if FLAGS.output:
+    with open(FLAGS.output, 'w') as f:
+      json.dump(result, f, indent=1)
+
+
+if __name__ == '__main__':
+  app.run(main)

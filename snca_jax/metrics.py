@@ -1,0 +1,34 @@
+"""Metric files: TensorBoard event files and a plain JSON-lines log, written by process 0."""
+
+import json
+import os
+import time
+
+import jax
+
+
+class MetricWriter:
+  """`write(step, {name: value})` appends to `<workdir>/metrics.jsonl` and to TensorBoard
+  events in `<workdir>/tensorboard`. A no-op on every process but 0."""
+
+  def __init__(self, workdir: str):
+    self._active = jax.process_index() == 0
+    if not self._active:
+      return
+    from tensorboardX import SummaryWriter  # imported here: only process 0 writes
+    self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+
+  def write(self, step: int, scalars: dict):
+    if not self._active:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **scalars}) + '\n')
+    self._jsonl.flush()
+
+  def close(self):
+    if self._active:
+      self._tb.close()
+      self._jsonl.close()

@@ -1,0 +1,190 @@
+"""Training: a pure, jitted `train_step(state, batch) -> (state, metrics)` and the loop around it.
+
+Each step embeds the batch, takes the NCA loss against the bank as it was before the step,
+updates the network (SGD, Nesterov, weight decay; accumulated over `grad_accum_steps` batches),
+then writes the batch's fresh embeddings into its bank rows with the memory momentum
+(SPEC.md). After each epoch the loop measures 1-NN accuracy of the validation set against the
+bank and checkpoints the whole state; a rerun of the same command resumes from the latest
+checkpoint at the exact batch where it stopped.
+"""
+
+import logging
+import math
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from snca_jax import checkpoint
+from snca_jax import evaluate
+from snca_jax import mesh as mesh_lib
+from snca_jax import metrics as metrics_lib
+from snca_jax import models
+from snca_jax import nca
+from snca_jax import optim
+from snca_jax import state as state_lib
+from snca_jax.data import pipeline
+
+log = logging.getLogger('snca_jax')
+
+class TrainingError(Exception):
+  """Training cannot go on; the message says why."""
+
+
+def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
+  """The jitted step, with the state donated and every sharding stated."""
+  memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
+
+  def train_step(state: state_lib.TrainState, batch):
+    def loss_fn(params):
+      features, updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          mutable=['batch_stats'])
+      loss = nca.nca_loss(features, batch['index'], state.bank, state.bank_labels,
+                          temperature=config.temperature, margin=config.margin)
+      return loss, (features, updates['batch_stats'])
+
+    (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    momentum = memory_momentum(state.step)
+    bank = nca.update_bank(state.bank, batch['index'], features, momentum)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, bank=bank)
+    return new_state, {'loss': loss, 'memory_momentum': momentum}
+
+  rows = mesh_lib.rows(mesh)
+  batch_shardings = {'image': rows, 'index': rows}
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+
+def device_batch(batch, mesh):
+  """This process's share of a global batch -> global arrays sharded over 'data'."""
+  rows = mesh_lib.rows(mesh)
+  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in ('image', 'index')}
+
+
+def nn_monitor(state, model, eval_source, config, mesh):
+  """1-NN top-1 of the validation set against the bank (the original's training monitor)."""
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  feats, labels, _ = evaluate.embed_dataset(
+      variables, model, eval_source, transform=evaluate.transform(config, config.data.eval_augment),
+      mesh=mesh, batch_size=config.knn.batch_size)
+  acc = evaluate.knn_accuracy(feats, labels, state.bank, state.bank_labels, k=1,
+                              sigma=config.temperature, num_classes=config.data.num_classes,
+                              mesh=mesh, ks=(1,), batch_size=config.knn.batch_size)
+  return acc[1]
+
+
+def check_labels(labels, num_classes: int, what: str):
+  if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+    bad = labels[(labels < 0) | (labels >= num_classes)][0]
+    raise pipeline.DataError(
+        f'{what} has label {int(bad)} outside [0, {num_classes}): set '
+        f'--config.data.num_classes to the number of classes of the dataset')
+
+
+def _check_config(config, mesh):
+  n = mesh.shape[mesh_lib.DATA]
+  if config.batch_size % n != 0:
+    raise ValueError(f'batch_size {config.batch_size} is not divisible by the {n} devices: '
+                     f'choose a multiple of {n}')
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
+  """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the state."""
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh()
+  _check_config(config, mesh)
+  pid, pcount = jax.process_index(), jax.process_count()
+  train_source = pipeline.open_source(config.data, config.data.train_split)
+  eval_source = pipeline.open_source(config.data, config.data.eval_split)
+  num_examples = len(train_source)
+  steps_per_epoch = num_examples // config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size {config.batch_size} exceeds the {num_examples} training '
+                     f'examples')
+  total_steps = steps_per_epoch * config.num_epochs
+
+  model = models.model_from_config(config)
+  tx = optim.make_optimizer(config, steps_per_epoch)
+  abstract = state_lib.abstract_train_state(
+      model, tx, image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim,
+      num_examples=num_examples, mesh=mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, abstract)
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir),
+                            max_to_keep=config.checkpoint_max_to_keep)
+  latest = mngr.latest_step()
+  if latest is not None:
+    state = checkpoint.restore_state(mngr, latest, abstract)
+    log.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), latest)
+  else:
+    bank_labels = pipeline.read_labels(train_source)
+    check_labels(bank_labels, config.data.num_classes, f'{config.data.name} train split')
+    state = state_lib.create_train_state(
+        model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
+        image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
+
+  train_step = make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
+                               shardings=shardings, mesh=mesh)
+  writer = metrics_lib.MetricWriter(workdir)
+  checkpoint_config = config.to_dict()
+  train_transform = evaluate.transform(config, config.data.train_augment)
+  step = int(state.step)
+  try:
+    while step < total_steps:
+      epoch, start = divmod(step, steps_per_epoch)
+      batches = pipeline.train_batches(
+          train_source, start_batch=start, global_batch_size=config.batch_size,
+          seed=config.seed, epoch=epoch, transform=train_transform, process_index=pid,
+          process_count=pcount, num_threads=config.data.num_threads,
+          worker_count=config.data.worker_count)
+      bar = tqdm.tqdm(total=steps_per_epoch, initial=start, disable=pid != 0,
+                      desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='batch',
+                      dynamic_ncols=True)
+      pending, t0, n0 = None, time.time(), step
+      for batch in batches:
+        state, metrics = train_step(state, device_batch(batch, mesh))
+        if pending is not None:   # read the previous step's metrics: the device is busy
+          _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
+        pending = (step, metrics)
+        step += 1
+      if pending is not None:
+        _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
+      bar.close()
+      acc = nn_monitor(state, model, eval_source, config, mesh)
+      writer.write(step, {'val/nn_top1': acc, 'epoch': epoch + 1})
+      if pid == 0:
+        print(f'epoch {epoch + 1}/{config.num_epochs}: 1-NN top-1 {100 * acc:.2f}% '
+              f'({len(eval_source)} {config.data.eval_split} images against the bank)',
+              flush=True)
+      checkpoint.save(mngr, step, state, checkpoint_config)
+  finally:
+    mngr.wait_until_finished()
+    writer.close()
+  return state
+
+
+def _report(pending, bar, writer, config, steps_per_epoch, t0, n0):
+  step, metrics = pending
+  loss = float(metrics['loss'])
+  if not math.isfinite(loss):
+    raise TrainingError(f'the loss became {loss} at step {step}; the last good checkpoint is '
+                        f'kept: lower the learning rate or raise the temperature')
+  done = step + 1 - n0
+  rate = done * config.batch_size / max(time.time() - t0, 1e-9)
+  bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{rate:.0f}', refresh=False)
+  bar.update(1)
+  if (step + 1) % config.log_every_steps == 0:
+    writer.write(step + 1, {
+        'train/loss': loss,
+        'train/memory_momentum': float(metrics['memory_momentum']),
+        'train/learning_rate': optim.learning_rate_at(config, steps_per_epoch, step),
+        'train/images_per_second': rate,
+    })

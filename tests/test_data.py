@@ -1,0 +1,132 @@
+"""The Fashion-MNIST builder, the grain pipeline and the augmentations."""
+
+import os
+
+import numpy as np
+import pytest
+
+from snca_jax.data import augment
+from snca_jax.data import fashion_mnist
+from snca_jax.data import pipeline
+
+
+def _transform(kind='none', size=28):
+  return pipeline.Transform(kind, (0.5,), (0.25,), size)
+
+
+def test_record_position_is_the_dense_index(fake_data_config, fake_idx_dir):
+  source = pipeline.open_source(fake_data_config.data, 'train')
+  images = fashion_mnist.read_idx(os.path.join(fake_idx_dir, 'train-images-idx3-ubyte.gz'))
+  labels = fashion_mnist.read_idx(os.path.join(fake_idx_dir, 'train-labels-idx1-ubyte.gz'))
+  assert len(source) == len(labels) == 96
+  records = source.__getitems__(list(range(len(source))))
+  assert [r['index'] for r in records] == list(range(96))
+  assert np.array_equal(np.stack([r['image'][..., 0] for r in records]), images)
+  assert np.array_equal(pipeline.read_labels(source, batch_size=10), labels)
+
+
+def test_truncated_idx_file_is_refused(tmp_path):
+  path = tmp_path / 'x-idx1-ubyte'
+  path.write_bytes(bytes([0, 0, 8, 1]) + (10).to_bytes(4, 'big') + bytes(5))
+  with pytest.raises(ValueError, match='truncated'):
+    fashion_mnist.read_idx(str(path))
+
+
+def test_missing_dataset_is_a_clear_error(tmp_path, fake_data_config):
+  config = fake_data_config.data.copy_and_resolve_references()
+  config.idx_dir = str(tmp_path / 'nothing')
+  config.data_dir = str(tmp_path / 'tfds')
+  config.download = False
+  with pytest.raises(pipeline.DataError, match='dataset-fashion-mnist'):
+    pipeline.open_source(config, 'train')
+
+
+def _epoch(source, **kw):
+  args = dict(global_batch_size=16, seed=3, epoch=0, transform=_transform('crop_flip'))
+  args.update(kw)
+  return list(pipeline.train_batches(source, **args))
+
+
+def test_train_batches_cover_the_epoch_and_are_deterministic(fake_data_config):
+  source = pipeline.open_source(fake_data_config.data, 'train')
+  a, b = _epoch(source), _epoch(source)
+  assert len(a) == 96 // 16
+  seen = np.concatenate([x['index'] for x in a])
+  assert sorted(seen) == list(range(96))                        # a permutation
+  for x, y in zip(a, b):
+    assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])
+  labels = pipeline.read_labels(source)
+  assert all(np.array_equal(x['label'], labels[x['index']]) for x in a)
+  c = _epoch(source, epoch=1)
+  assert not np.array_equal(seen, np.concatenate([x['index'] for x in c]))
+
+
+def test_resume_mid_epoch_gives_the_same_batches(fake_data_config):
+  source = pipeline.open_source(fake_data_config.data, 'train')
+  full = _epoch(source)
+  rest = _epoch(source, start_batch=4)
+  assert len(rest) == 2
+  for x, y in zip(full[4:], rest):
+    assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])
+
+
+def test_processes_split_each_global_batch(fake_data_config):
+  source = pipeline.open_source(fake_data_config.data, 'train')
+  full = _epoch(source)
+  parts = [_epoch(source, process_index=i, process_count=2) for i in range(2)]
+  for g, p0, p1 in zip(full, *parts):
+    assert np.array_equal(np.concatenate([p0['index'], p1['index']]), g['index'])
+    assert np.array_equal(np.concatenate([p0['image'], p1['image']]), g['image'])
+
+
+def test_eval_batches_pad_and_mask(fake_data_config):
+  source = pipeline.open_source(fake_data_config.data, 'test')    # 40 records
+  batches = list(pipeline.eval_batches(source, global_batch_size=16, transform=_transform()))
+  assert [b['image'].shape[0] for b in batches] == [16, 16, 16]
+  mask = np.concatenate([b['mask'] for b in batches])
+  assert mask.sum() == 40 and not mask[40:].any()
+  assert np.array_equal(np.concatenate([b['index'] for b in batches])[mask], np.arange(40))
+
+
+def test_crop_flip():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 255, size=(64, 28, 28, 1)).astype(np.uint8)
+  rngs = [np.random.default_rng(i) for i in range(64)]
+  y = augment.random_crop_flip(x, rngs, pad=2)
+  assert y.shape == x.shape and y.dtype == np.uint8
+  # Every output is a shifted (and maybe flipped) window of the zero-padded input.
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+  for i in range(8):
+    windows = [padded[i, a:a + 28, b:b + 28] for a in range(5) for b in range(5)]
+    windows += [w[:, ::-1] for w in windows]
+    assert any(np.array_equal(y[i], w) for w in windows)
+
+
+@pytest.mark.parametrize('kind,size', [('cifar', 32), ('imagenet', 24), ('imagenet_eval', 24)])
+def test_original_augmentations(kind, size):
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 255, size=(h, w, 3)).astype(np.uint8)
+            for h, w in ((40, 50), (32, 32), (64, 36))]
+  if kind == 'cifar':
+    images = np.stack([im[:32, :32] for im in images])
+  t = pipeline.Transform(kind, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
+  batch = {'image': images, 'index': np.arange(3)}
+  out = t(batch, 5)['image']
+  again = t(batch, 5)['image']
+  assert not np.array_equal(out, t(batch, 6)['image']) or kind == 'imagenet_eval'
+  assert out.shape == (3, size, size, 3) and out.dtype == np.float32
+  assert np.array_equal(out, again)
+  assert out.min() >= (0 - 0.5) / 0.25 - 1e-5 and out.max() <= (1 - 0.5) / 0.25 + 1e-5
+
+
+def test_resize_center_crop_of_a_constant_image_is_constant():
+  image = np.full((300, 400, 3), 77, np.uint8)
+  out = augment.resize_center_crop([image], resize=256, crop=224)
+  assert out.shape == (1, 224, 224, 3)
+  np.testing.assert_allclose(out, 77, atol=1e-3)
+
+
+def test_color_jitter_hsv_round_trip():
+  rng = np.random.default_rng(0)
+  rgb = rng.random((4, 5, 5, 3)).astype(np.float32)
+  np.testing.assert_allclose(augment._hsv_to_rgb(augment._rgb_to_hsv(rgb)), rgb, atol=1e-5)

@@ -1,0 +1,58 @@
+"""Sharded kNN against an exact dense NumPy search."""
+
+import jax
+import numpy as np
+import pytest
+
+from snca_jax import knn
+from snca_jax import mesh as mesh_lib
+
+
+def dense_knn_scores(q, bank, labels, k, sigma, C):
+  sims = q.astype(np.float64) @ bank.T.astype(np.float64)
+  sims[:, labels < 0] = -np.inf
+  top = np.argsort(-sims, axis=1, kind='stable')[:, :k]
+  vals = np.take_along_axis(sims, top, 1)
+  w = np.exp((vals - vals[:, :1]) / sigma)
+  scores = np.zeros((len(q), C))
+  for i in range(len(q)):
+    np.add.at(scores[i], labels[top[i]], w[i])
+  return scores
+
+
+def problem(seed, Q=37, N=203, D=16, C=7):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+  return (unit(rng.normal(size=(Q, D))).astype(np.float32),
+          unit(rng.normal(size=(N, D))).astype(np.float32),
+          rng.integers(0, C, size=N).astype(np.int32), C)
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+@pytest.mark.parametrize('k', [1, 30])
+def test_equals_dense_search(num_devices, k):
+  q, bank, labels, C = problem(0)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  n_pad = mesh_lib.padded_rows(len(bank), mesh)                 # 203 -> 208 on 8 devices
+  pad = n_pad - len(bank)
+  bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])      # padding that would win
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
+  scores = knn.knn_classify(q, bank_p, labels_p, k=k, sigma=0.05, num_classes=C, mesh=mesh,
+                            batch_size=16)
+  expected = dense_knn_scores(q, bank, labels, k, 0.05, C)
+  np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_small_sigma_does_not_overflow():
+  q, bank, labels, C = problem(1)
+  scores = knn.knn_classify(q, bank, labels, k=30, sigma=0.001, num_classes=C,
+                            mesh=mesh_lib.make_mesh(jax.devices()[:8][:1]))
+  assert np.all(np.isfinite(scores))
+  nearest = labels[np.argmax(q @ bank.T, axis=1)]
+  assert np.array_equal(np.argmax(scores, 1), nearest)   # sigma -> 0 is 1-NN
+
+
+def test_top_k_accuracy():
+  scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
+  acc = knn.top_k_accuracy(scores, np.array([2, 0, 0]), ks=(1, 2))
+  assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}

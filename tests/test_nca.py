@@ -1,0 +1,169 @@
+"""nca_loss / update_bank against an independent float64 NumPy evaluation of SPEC.md."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from snca_jax import mesh as mesh_lib
+from snca_jax import nca
+
+
+def reference(f, idx, bank, bank_labels, temperature, margin=0.0):
+  """SPEC.md's formulas, literally, in float64: (loss, dloss/df)."""
+  f = np.asarray(f, np.float64)
+  bank = np.asarray(bank, np.float64)
+  bank_labels = np.asarray(bank_labels)
+  B = f.shape[0]
+  present = bank_labels >= 0
+  s = f @ bank.T / temperature
+  shift = s.max(1, keepdims=True)      # a per-row shift: cancels in every ratio below
+  e = np.exp(s - shift) * present[None, :]
+  e[np.arange(B), idx] = 0.0
+  y = bank_labels[idx]
+  same = bank_labels[None, :] == y[:, None]
+  P_ = (e * same).sum(1)
+  Z = e.sum(1)
+  Pm = P_ * np.exp(-margin / temperature)
+  Zm = Z - P_ + Pm
+  p = np.where(P_ > 0, Pm / np.where(Zm > 0, Zm, 1), 0)
+  valid = p > 0
+  loss = -np.sum(np.log(p[valid])) / B
+  # d(-log p_i)/ds_ij = -[same]*e_ij/P_i + (same*e_ij*exp(-m/T) + diff*e_ij)/Z'_i
+  w = np.where(same, e * np.exp(-margin / temperature), e) / Zm[:, None]
+  w -= np.where(same, e, 0) / np.where(P_ > 0, P_, 1)[:, None]
+  w *= valid[:, None]
+  grad = (w @ bank) / (temperature * B)
+  return loss, grad
+
+
+def unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def make_problem(seed, B=16, N=200, D=32, C=5, unit_bank=True):
+  rng = np.random.default_rng(seed)
+  f = unit(rng.normal(size=(B, D))).astype(np.float32)
+  bank = rng.normal(size=(N, D))
+  bank = (unit(bank) if unit_bank else 0.3 * bank).astype(np.float32)
+  labels = rng.integers(0, C, size=N).astype(np.int32)
+  idx = rng.choice(N, size=B, replace=False).astype(np.int32)
+  return f, idx, bank, labels
+
+
+def loss_and_grad(f, idx, bank, labels, **kw):
+  fn = jax.value_and_grad(lambda x: nca.nca_loss(x, idx, bank, labels, **kw))
+  loss, grad = jax.jit(fn)(f)
+  return float(loss), np.asarray(grad)
+
+
+@pytest.mark.parametrize('margin', [0.0, 0.1])
+@pytest.mark.parametrize('unit_bank', [True, False])
+def test_matches_reference(margin, unit_bank):
+  f, idx, bank, labels = make_problem(0, unit_bank=unit_bank)
+  loss, grad = loss_and_grad(f, idx, bank, labels, temperature=0.1, margin=margin)
+  ref_loss, ref_grad = reference(f, idx, bank, labels, 0.1, margin)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_margin_zero_gradient_formula():
+  """SPEC.md's closed form of dloss/df_i for margin 0."""
+  f, idx, bank, labels = make_problem(1)
+  T = 0.05
+  _, grad = loss_and_grad(f, idx, bank, labels, temperature=T)
+  s = f.astype(np.float64) @ bank.T.astype(np.float64) / T
+  e = np.exp(s - s.max(1, keepdims=True))
+  e[np.arange(len(idx)), idx] = 0
+  same = labels[None, :] == labels[idx][:, None]
+  Pw = np.where(same, e, 0) / np.where(same, e, 0).sum(1, keepdims=True)
+  Zw = e / e.sum(1, keepdims=True)
+  expected = -(1 / (len(idx) * T)) * ((Pw - Zw) @ bank)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_self_is_excluded():
+  """An example whose only same-class bank row is its own contributes nothing."""
+  f, idx, bank, labels = make_problem(2, C=3)
+  labels = labels % 2                      # classes 0 and 1 only
+  labels[idx[0]] = 2                       # example 0 is the only member of class 2
+  loss, grad = loss_and_grad(f, idx, bank, labels, temperature=0.1)
+  ref_loss, ref_grad = reference(f, idx, bank, labels, 0.1)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-6)
+  assert np.all(grad[0] == 0)
+  # B still counts the singleton: dropping it from the batch rescales the loss by B/(B-1).
+  loss_rest, _ = loss_and_grad(f[1:], idx[1:], bank, labels, temperature=0.1)
+  np.testing.assert_allclose(loss * len(idx) / (len(idx) - 1), loss_rest, rtol=1e-5)
+
+
+def test_own_row_does_not_count_as_positive():
+  """The example's own bank row equal to its feature must not make the loss ~0."""
+  f, idx, bank, labels = make_problem(3)
+  bank = bank.copy()
+  bank[idx] = f
+  loss, _ = loss_and_grad(f, idx, bank, labels, temperature=0.05)
+  ref_loss, _ = reference(f, idx, bank, labels, 0.05)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+  assert loss > 0.1
+
+
+def test_finite_at_low_temperature_and_unnormalised_bank():
+  """T = 0.01 with bank rows of norm ~1.7: exp(s) would overflow float32 (s up to ~170)."""
+  f, idx, bank, labels = make_problem(4, unit_bank=False)
+  assert np.abs(f @ bank.T).max() / 0.01 > 89      # beyond float32's exp
+  loss, grad = loss_and_grad(f, idx, bank, labels, temperature=0.01)
+  assert np.isfinite(loss) and np.all(np.isfinite(grad))
+  ref_loss, ref_grad = reference(f, idx, bank, labels, 0.01)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
+  np.testing.assert_allclose(grad, ref_grad, rtol=1e-3, atol=1e-4 * np.abs(ref_grad).max())
+
+
+def test_padding_rows_are_ignored():
+  f, idx, bank, labels = make_problem(5)
+  pad_bank = np.concatenate([bank, np.tile(f[:1], (7, 1))])   # padding that would dominate
+  pad_labels = np.concatenate([labels, np.full(7, nca.PAD_LABEL, np.int32)])
+  a = loss_and_grad(f, idx, bank, labels, temperature=0.05)
+  b = loss_and_grad(f, idx, pad_bank, pad_labels, temperature=0.05)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-5, atol=1e-5 * np.abs(a[1]).max())
+
+
+def test_no_gradient_into_bank():
+  f, idx, bank, labels = make_problem(6)
+  g = jax.grad(lambda b: nca.nca_loss(f, idx, b, labels, temperature=0.05))(bank)
+  assert np.all(np.asarray(g) == 0)
+
+
+def test_sharded_bank_gives_the_same_loss():
+  """The bank sharded by rows over 8 devices (N = 200 padded to 200) changes nothing."""
+  f, idx, bank, labels = make_problem(7)
+  mesh = mesh_lib.make_mesh()
+  assert mesh.shape['data'] == 8
+  sb = jax.device_put(bank, NamedSharding(mesh, P('data', None)))
+  sl = jax.device_put(labels, NamedSharding(mesh, P('data')))
+  a = loss_and_grad(f, idx, bank, labels, temperature=0.05)
+  b = loss_and_grad(f, idx, sb, sl, temperature=0.05)
+  np.testing.assert_allclose(a[0], b[0], rtol=1e-5)
+  np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-6)
+
+
+def test_update_bank():
+  f, idx, bank, labels = make_problem(8, unit_bank=False)
+  new = np.asarray(nca.update_bank(jnp.asarray(bank), idx, f, 0.5))
+  expected = bank.astype(np.float64).copy()
+  mixed = 0.5 * expected[idx] + 0.5 * f
+  expected[idx] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+  np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+  untouched = np.setdiff1d(np.arange(len(bank)), idx)
+  assert np.array_equal(new[untouched], bank[untouched])
+
+
+def test_init_bank():
+  b = np.asarray(nca.init_bank(jax.random.key(0), 5000, 128))
+  s = 1 / np.sqrt(128 / 3)
+  assert b.shape == (5000, 128) and b.dtype == np.float32
+  assert b.min() >= -s and b.max() <= s
+  assert b.min() < -0.99 * s and b.max() > 0.99 * s       # uniform over the whole range
+  assert abs(b.mean()) < 0.01

@@ -1,0 +1,113 @@
+"""End to end: real training steps on a small fake Fashion-MNIST, checkpoints, resume, eval."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from snca_jax import evaluate
+from snca_jax import mesh as mesh_lib
+from snca_jax import models
+from snca_jax import optim
+from snca_jax import state as state_lib
+from snca_jax import train
+from snca_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(config, **overrides):
+  c = config.copy_and_resolve_references()
+  c.model, c.low_dim = 'tiny_resnet', 16
+  c.batch_size, c.num_epochs, c.lr_step_epochs = 16, 2, 1
+  c.knn.batch_size, c.log_every_steps = 16, 2
+  c.memory_momentum_steps = ((1, 0.8),)
+  for k, v in overrides.items():
+    setattr(c, k, v)
+  return c
+
+
+def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_config):
+  config = tiny(fake_data_config)
+  mesh = mesh_lib.make_mesh()
+  source = pipeline.open_source(config.data, 'train')
+  model = models.model_from_config(config)
+  tx = optim.make_optimizer(config, steps_per_epoch=6)
+  state = state_lib.create_train_state(
+      model, tx, key=jax.random.key(0), bank_labels=pipeline.read_labels(source),
+      image_shape=(28, 28, 1), low_dim=16, mesh=mesh)
+  assert state.bank.sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(state.bank.sharding.device_set) == 8
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  step = train.make_train_step(model, tx, config, steps_per_epoch=6, shardings=shardings,
+                               mesh=mesh)
+  batch = next(pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
+                                      transform=evaluate.transform(config, 'crop_flip')))
+  old_params = jax.tree.map(np.asarray, state.params)
+  old_bank = np.asarray(state.bank)
+  new, metrics = step(state, train.device_batch(batch, mesh))
+  assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
+  assert float(metrics['memory_momentum']) == 0.5
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), old_params,
+                         new.params)
+  assert all(jax.tree.leaves(changed))
+  bank = np.asarray(new.bank)
+  rows = batch['index']
+  assert not np.any(np.all(bank[rows] == old_bank[rows], axis=1))
+  np.testing.assert_allclose(np.linalg.norm(bank[rows], axis=1), 1.0, rtol=1e-5)
+  others = np.setdiff1d(np.arange(len(bank)), rows)
+  assert np.array_equal(bank[others], old_bank[others])
+  assert new.bank.sharding == state.bank.sharding
+
+
+def test_resume_gives_the_same_state_as_an_uninterrupted_run(fake_data_config, tmp_path):
+  config = tiny(fake_data_config)
+  straight = train.train_and_evaluate(config, str(tmp_path / 'a'))
+  train.train_and_evaluate(tiny(fake_data_config, num_epochs=1), str(tmp_path / 'b'))
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'b'))
+  assert int(straight.step) == int(resumed.step) == 12
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert sorted(os.listdir(tmp_path / 'b' / 'checkpoints')) == ['12', '6']
+  lines = [json.loads(l) for l in open(tmp_path / 'b' / 'metrics.jsonl')]
+  assert [l['val/nn_top1'] for l in lines if 'val/nn_top1' in l]
+  assert all(np.isfinite(l['train/loss']) for l in lines if 'train/loss' in l)
+  assert os.listdir(tmp_path / 'b' / 'tensorboard')
+  result = evaluate.evaluate_checkpoint(str(tmp_path / 'b'))
+  assert result['step'] == 12 and result['num_queries'] == 40 and result['k'] == 30
+  assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
+
+
+def _run(args, **kw):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600, **kw)
+
+
+def test_command_line_train_then_eval(fake_data_config, tmp_path):
+  workdir = str(tmp_path / 'w')
+  flags = [f'--config.data.idx_dir={fake_data_config.data.idx_dir}',
+           f'--config.data.data_dir={fake_data_config.data.data_dir}',
+           '--config.model=tiny_resnet', '--config.low_dim=16', '--config.batch_size=16',
+           '--config.num_epochs=1', '--config.knn.batch_size=16']
+  r = _run(['train.py', '--config', 'configs/fashion_mnist.py', '--workdir', workdir, *flags])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert '1-NN top-1' in r.stdout
+  out = str(tmp_path / 'result.json')
+  r = _run(['eval_knn.py', '--workdir', workdir, '--recompute', '--k', '5', '--output', out])
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'top-1' in r.stdout and 'top-5' in r.stdout
+  result = json.load(open(out))
+  assert result['k'] == 5 and result['database'] == 'recomputed' and result['step'] == 6
+
+
+def test_eval_of_an_empty_workdir_is_a_clear_error(tmp_path):
+  r = _run(['eval_knn.py', '--workdir', str(tmp_path)])
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith('eval_knn.py: ')
+  assert 'Traceback' not in r.stderr
