@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdir
 FMNIST := /usr/share/datasets/fashion-mnist
 
@@ -31,8 +32,12 @@ demo: $(STAMP) data
 	$(BIN)/python train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
 	$(BIN)/python eval_knn.py --workdir $(WORKDIR)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+$(TEST_STAMP): $(STAMP) requirements-test.txt
+	$(BIN)/pip install -q -r requirements-test.txt
+	touch $@
+
+test: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q -p no:warnings
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)

@@ -7,13 +7,13 @@ features.
 """
 
 import json
-import sys
 
+import jax
 from absl import app
 from absl import flags
 
+from snca_jax import cli
 from snca_jax import evaluate
-from snca_jax.data import pipeline
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir; its latest checkpoint is evaluated.')
@@ -29,18 +29,16 @@ flags.DEFINE_string('idx_dir', None, 'Fashion-MNIST IDX files, where they differ
 flags.DEFINE_string('output', None, 'Also write the results as JSON to this file.')
 
 
-def main(argv):
-  del argv
+def evaluate_and_report():
   path = FLAGS.checkpoint or FLAGS.workdir
   if not path:
-    sys.exit('eval_knn.py: give --workdir DIR (a training run) or --checkpoint PATH')
-  try:
-    result = evaluate.evaluate_checkpoint(
-        path, k=FLAGS.k, sigma=FLAGS.sigma, recompute=FLAGS.recompute,
-        batch_size=FLAGS.batch_size,
-        data_overrides={'data_dir': FLAGS.data_dir, 'idx_dir': FLAGS.idx_dir})
-  except (evaluate.EvalError, pipeline.DataError) as e:
-    sys.exit(f'eval_knn.py: {e}')
+    raise ValueError('give --workdir DIR (a training run) or --checkpoint PATH')
+  result = evaluate.evaluate_checkpoint(
+      path, k=FLAGS.k, sigma=FLAGS.sigma, recompute=FLAGS.recompute,
+      batch_size=FLAGS.batch_size,
+      data_overrides={'data_dir': FLAGS.data_dir, 'idx_dir': FLAGS.idx_dir})
+  if jax.process_index() != 0:
+    return
   print(f"kNN (K={result['k']}, sigma={result['sigma']:g}, database: {result['database']}) "
         f"on {result['num_queries']} images, checkpoint step {result['step']}: "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
@@ -49,5 +47,10 @@ def main(argv):
       json.dump(result, f, indent=1)
 
 
+def main(argv):
+  del argv
+  cli.run('eval_knn.py', evaluate_and_report)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('eval_knn.py'))

@@ -32,10 +32,11 @@ def get_config():
   c.data.worker_count = 0
 
   c.seed = 0
-  c.num_epochs = 4
+  c.num_epochs = 5
   c.batch_size = 128
   c.grad_accum_steps = 1
   c.learning_rate = 0.1
+  c.lr_schedule = 'cosine'      # 'step': x lr_decay every lr_step_epochs (the original's)
   c.lr_step_epochs = 3
   c.lr_decay = 0.1
   c.momentum = 0.9
@@ -46,6 +47,8 @@ def get_config():
   c.margin = 0.0
   c.memory_momentum = 0.5
   c.memory_momentum_steps = ()   # ((epoch, value), ...)
+  c.nca_chunk_size = 4096       # bank rows per step of the streaming NCA kernel
+  c.nca_matmul_dtype = 'float32'  # or 'bfloat16' (float32 accumulation)
 
   c.knn = ml_collections.ConfigDict()
   c.knn.k = 30

@@ -9,7 +9,10 @@ previous checkpoint.
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
+
+from snca_jax import mesh as mesh_lib
 
 ITEMS = ('state', 'config')
 
@@ -35,6 +38,21 @@ def restore_state(mngr, step: int, abstract_state):
   out = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
   return out['state']
+
+
+def restore_as_saved(mngr, step: int, mesh) -> dict:
+  """The state at `step` as a dict of the arrays it holds, whatever config, mesh or process
+  count wrote it: the bank sharded by rows where they split evenly over `mesh`, everything else
+  replicated. For evaluation and inspection; training restores into its own abstract state."""
+  tree = mngr.item_metadata(step)['state'].tree
+  devices = mesh.shape[mesh_lib.DATA]
+
+  def target(path, meta):
+    split = path[0].key in ('bank', 'bank_labels') and meta.shape[0] % devices == 0
+    sharding = mesh_lib.rows(mesh) if split else mesh_lib.replicated(mesh)
+    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+
+  return restore_state(mngr, step, jax.tree_util.tree_map_with_path(target, tree))
 
 
 def restore_config(mngr, step: int) -> dict:

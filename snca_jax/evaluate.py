@@ -8,10 +8,12 @@ import ml_collections
 import numpy as np
 
 from snca_jax import checkpoint
+from snca_jax import distributed
 from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 from snca_jax import models
 from snca_jax.data import pipeline
+from snca_jax.errors import CheckpointError
 
 
 def transform(config, kind: str) -> pipeline.Transform:
@@ -32,17 +34,20 @@ def embed_dataset(variables, model, source, *, transform, mesh, batch_size: int)
   embedded by the evaluation-mode network with `variables` ({'params', 'batch_stats'}).
   `batch_size` is global."""
   fn = _embed_fn(model, mesh)
-  feats, labels, positions = [], [], []
+  rows = mesh_lib.rows(mesh)
+  batch_size = mesh_lib.padded_rows(batch_size, mesh)      # a multiple of the device count
+  out = {'features': [], 'label': [], 'index': [], 'mask': []}
   for batch in pipeline.eval_batches(source, global_batch_size=batch_size, transform=transform,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count()):
-    images = jax.make_array_from_process_local_data(mesh_lib.rows(mesh), batch['image'])
-    f = np.asarray(fn(variables, images))
-    mask = batch['mask']
-    feats.append(f[mask])
-    labels.append(batch['label'][mask])
-    positions.append(batch['index'][mask])
-  return np.concatenate(feats), np.concatenate(labels), np.concatenate(positions)
+    images = jax.make_array_from_process_local_data(rows, batch['image'])
+    out['features'].append(distributed.to_host(fn(variables, images)))
+    for key in ('label', 'index', 'mask'):   # every process's share, for every process
+      out[key].append(distributed.to_host(
+          jax.make_array_from_process_local_data(rows, batch[key])))
+  out = {k: np.concatenate(v) for k, v in out.items()}
+  mask = out['mask']
+  return out['features'][mask], out['label'][mask], out['index'][mask]
 
 
 def knn_accuracy(queries, query_labels, bank, bank_labels, *, k, sigma, num_classes, mesh,
@@ -51,26 +56,6 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, *, k, sigma, num_clas
   scores = knn.knn_classify(queries, bank, bank_labels, k=k, sigma=sigma,
                             num_classes=num_classes, mesh=mesh, batch_size=batch_size)
   return knn.top_k_accuracy(scores, query_labels, ks=ks)
-
-
-class EvalError(Exception):
-  """Evaluation cannot run; the message says why."""
-
-
-def _restore_for_eval(mngr, step: int, mesh):
-  """The checkpointed state at `step` as a dict, whatever mesh wrote it: the bank sharded by
-  rows where its rows split evenly over this mesh, replicated otherwise."""
-  tree = mngr.item_metadata(step)['state'].tree
-  n_dev = mesh.shape[mesh_lib.DATA]
-
-  def target(path, meta):
-    top = path[0].key
-    split = top in ('bank', 'bank_labels') and meta.shape[0] % n_dev == 0
-    sharding = mesh_lib.rows(mesh) if split else mesh_lib.replicated(mesh)
-    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
-
-  abstract = jax.tree_util.tree_map_with_path(target, tree)
-  return checkpoint.restore_state(mngr, step, abstract)
 
 
 def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch_size=None,
@@ -83,23 +68,28 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   """
   ckpt_dir, step = checkpoint.locate(path)
   if not os.path.isdir(ckpt_dir):
-    raise EvalError(f'no checkpoint at {path}: pass the --workdir of a training run, or '
-                    f'--checkpoint with a checkpoint directory')
+    raise CheckpointError(f'no checkpoint at {path}: pass the --workdir of a training run, '
+                          f'or --checkpoint with a checkpoint directory')
   mngr = checkpoint.manager(ckpt_dir, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None:
-    raise EvalError(f'{ckpt_dir} holds no checkpoint: train first (python train.py --workdir '
-                    f'...) or point --checkpoint at a step directory')
-  config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+    raise CheckpointError(f'{ckpt_dir} holds no checkpoint: train first (python train.py '
+                          f'--workdir ...) or point --checkpoint at a step directory')
+  where = os.path.join(ckpt_dir, str(step))
+  mesh = mesh_lib.make_mesh()
+  try:
+    config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+    state = checkpoint.restore_as_saved(mngr, step, mesh)
+  except Exception as e:
+    raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
+                          f'{str(e)[:200]}): evaluate an earlier step with --checkpoint') from e
   for key, value in (data_overrides or {}).items():
     if value:
       config.data[key] = value
   k = k or config.knn.k
   sigma = sigma or config.knn.sigma or config.temperature
   batch_size = batch_size or config.knn.batch_size
-  mesh = mesh_lib.make_mesh()
   model = models.model_from_config(config)
-  state = _restore_for_eval(mngr, step, mesh)
   params = {'params': state['params'], 'batch_stats': state['batch_stats']}
   eval_transform = transform(config, config.data.eval_augment)
   queries, labels, _ = embed_dataset(params, model,

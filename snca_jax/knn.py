@@ -16,31 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from snca_jax import distributed
 from snca_jax import mesh as mesh_lib
 
 
-def _local_top_k(queries, bank, bank_labels, *, k):
-  sims = jnp.einsum('qd,nd->qn', queries, bank.astype(queries.dtype),
-                    preferred_element_type=jnp.float32)
-  sims = jnp.where(bank_labels[None, :] >= 0, sims, -jnp.inf)
-  vals, idx = jax.lax.top_k(sims, min(k, bank.shape[0]))
-  return vals, bank_labels[idx]
-
-
 def top_k_neighbors(queries, bank, bank_labels, *, k, mesh):
-  """The k most similar bank rows of every query: (similarities, labels), each (Q, k),
-  replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh."""
+  """The k most similar bank rows of every query: (similarities, row indices, labels), each
+  (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh."""
 
   def per_device(q, b, l):
-    vals, labels = _local_top_k(q, b, l, k=k)
-    vals = jax.lax.all_gather(vals, mesh_lib.DATA, axis=1, tiled=True)
-    labels = jax.lax.all_gather(labels, mesh_lib.DATA, axis=1, tiled=True)
-    vals, pick = jax.lax.top_k(vals, min(k, vals.shape[1]))
-    return vals, jnp.take_along_axis(labels, pick, axis=1)
+    sims = jnp.einsum('qd,nd->qn', q, b.astype(q.dtype), preferred_element_type=jnp.float32)
+    sims = jnp.where(l[None, :] >= 0, sims, -jnp.inf)
+    vals, idx = jax.lax.top_k(sims, min(k, b.shape[0]))          # this device's candidates
+    cands = (vals, idx + jax.lax.axis_index(mesh_lib.DATA) * b.shape[0], l[idx])
+    vals, idx, labels = (jax.lax.all_gather(x, mesh_lib.DATA, axis=1, tiled=True)
+                         for x in cands)                          # (Q, k x devices)
+    vals, pick = jax.lax.top_k(vals, min(k, vals.shape[1]))      # merge
+    return (vals, jnp.take_along_axis(idx, pick, axis=1),
+            jnp.take_along_axis(labels, pick, axis=1))
 
   return jax.shard_map(per_device, mesh=mesh,
-                       in_specs=(P(), P(mesh_lib.DATA, None), P(mesh_lib.DATA)),
-                       out_specs=(P(), P()), check_vma=False)(queries, bank, bank_labels)
+                       in_specs=(P(), P(mesh_lib.DATA), P(mesh_lib.DATA)),
+                       out_specs=(P(), P(), P()), check_vma=False)(queries, bank, bank_labels)
 
 
 def vote(sims, labels, *, sigma, num_classes):
@@ -56,7 +53,7 @@ def vote(sims, labels, *, sigma, num_classes):
 
 @functools.partial(jax.jit, static_argnames=('k', 'sigma', 'num_classes', 'mesh'))
 def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh):
-  sims, labels = top_k_neighbors(queries, bank, bank_labels, k=k, mesh=mesh)
+  sims, _, labels = top_k_neighbors(queries, bank, bank_labels, k=k, mesh=mesh)
   return vote(sims, labels, sigma=sigma, num_classes=num_classes)
 
 
@@ -69,12 +66,18 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
   over all devices.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  host = lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
   pad = mesh_lib.padded_rows(bank.shape[0], mesh) - bank.shape[0]
   if pad:   # rows that do not split evenly over this mesh: pad with rows that never vote
-    bank = np.concatenate([np.asarray(bank), np.zeros((pad, bank.shape[1]), bank.dtype)])
-    bank_labels = np.concatenate([np.asarray(bank_labels), np.full(pad, -1, np.int32)])
-  bank = jax.device_put(bank, mesh_lib.rows(mesh))
-  bank_labels = jax.device_put(bank_labels, mesh_lib.rows(mesh))
+    bank = np.concatenate([host(bank), np.zeros((pad, bank.shape[1]), bank.dtype)])
+    bank_labels = np.concatenate([host(bank_labels), np.full(pad, -1, np.int32)])
+
+  def place(x):
+    if isinstance(x, jax.Array):        # a global array: resharded if it lives otherwise
+      return jax.device_put(x, mesh_lib.rows(mesh))
+    return distributed.put_global(x, mesh_lib.rows(mesh))
+
+  bank, bank_labels = place(bank), place(bank_labels)
   queries = np.asarray(queries, np.float32)
   out = []
   for start in range(0, len(queries), batch_size):
@@ -82,10 +85,10 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
     n = len(q)
     if n < batch_size and len(queries) > batch_size:   # keep one compiled shape
       q = np.concatenate([q, np.zeros((batch_size - n, q.shape[1]), q.dtype)])
-    q = jax.device_put(q, mesh_lib.replicated(mesh))
+    q = distributed.put_global(q, mesh_lib.replicated(mesh))
     scores = _classify_batch(q, bank, bank_labels, k=k, sigma=float(sigma),
                              num_classes=num_classes, mesh=mesh)
-    out.append(np.asarray(scores)[:n])
+    out.append(distributed.to_host(scores)[:n])
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 

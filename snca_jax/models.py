@@ -16,6 +16,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from snca_jax.errors import ConfigError
+
 # BatchNorm as in torchvision: momentum 0.1 in PyTorch terms is 0.9 in Flax terms, eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
@@ -151,12 +153,12 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 def model_from_config(config) -> ResNet:
   """The model of a run's config (`model`, `low_dim`, `dtype`)."""
   if config.dtype not in DTYPES:
-    raise ValueError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
+    raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
   return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype])
 
 
 def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32) -> ResNet:
   """The model called `name` (see MODELS) with an embedding of size `low_dim`."""
   if name not in MODELS:
-    raise ValueError(f'unknown model {name!r}; choose one of: {", ".join(sorted(MODELS))}')
+    raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(sorted(MODELS))}')
   return MODELS[name](low_dim=low_dim, dtype=dtype)

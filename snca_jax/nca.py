@@ -18,13 +18,22 @@ has no other member in the bank has P_i = 0: it contributes nothing, but B still
 Bank rows whose label is negative are padding (the bank is padded so that it splits evenly over
 devices): they take part in neither P nor Z, and are never written.
 
-The bank is state, not a parameter: `nca_loss` stops its gradient, so the network's gradient
+The bank is state, not a parameter: no gradient flows into it, and the network's gradient
 flows only through `features`.
+
+Two implementations:
+  - `nca_loss`: the dense reference. It builds the (B, N) similarity matrix; autodiff gives the
+    gradient. Plain and obviously right; the tests hold the fast path against it.
+  - `streaming_nca_loss`: the scalable kernel used for training (see its section below).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from snca_jax.mesh import DATA
 from snca_jax.models import l2_normalize
 
 PAD_LABEL = -1
@@ -65,7 +74,7 @@ def nca_log_probs(features, indices, bank, bank_labels, *, temperature, margin=0
   log_neg = _masked_logsumexp(s, present & ~same)          # log (Z_i - P_i)
   log_pos_m = log_pos - margin / temperature               # log P'_i
   log_z = jnp.logaddexp(log_neg, log_pos_m)                # log Z'_i
-  valid = jnp.isfinite(log_pos)
+  valid = jnp.any(present & same, axis=1)   # by membership: a NaN feature must not hide
   log_p = jnp.where(valid, log_pos_m - jnp.where(valid, log_z, 0.0), 0.0)
   return log_p, valid
 
@@ -83,3 +92,164 @@ def update_bank(bank, indices, features, momentum):
   rows = bank[indices]
   new = l2_normalize(momentum * rows + (1.0 - momentum) * features)
   return bank.at[indices].set(new, unique_indices=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The streaming kernel.
+#
+# Split the mass of example i into its same-class part P_i and its other-class part
+# N_i = Z_i - P_i, and the gradient into the two softmax-weighted means of bank rows
+#     Gp_i = sum_{j same} (e_ij / P_i) bank[j],     Gn_i = sum_{j other} (e_ij / N_i) bank[j].
+# With p_i = P'_i / Z'_i, differentiating -log p_i through s_ij = f_i . bank[j] / T gives
+#     d(-log p_i)/df_i = (1 - p_i) (Gn_i - Gp_i) / T            (any margin; SPEC.md's closed
+#                                                               form for margin 0 rearranged)
+# so one pass over the bank that accumulates, per example, (max, sum, weighted row sum) for the
+# same-class and the other-class rows yields both the loss and its feature gradient.
+#
+# Each device walks its own rows of the bank in chunks of `chunk_size` (inside `jax.shard_map`),
+# keeping online log-sum-exp accumulators: a running max m, a sum l = sum exp(s - m) and a row
+# sum G = sum exp(s - m) bank[j], rescaled by exp(m_old - m_new) whenever the max grows. Peak
+# memory is O(B x chunk_size). The devices then combine their partials: pmax of the (B,) maxima,
+# psum of the rescaled (B,) sums and (B, D) row sums, so what crosses devices does not grow with
+# N. The result is a `jax.custom_vjp`: the backward pass only scales the stored (B, D) gradient.
+# ---------------------------------------------------------------------------------------------
+
+def _online_update(carry, s, pos, neg, rows, matmul_dtype):
+  """Folds one chunk's scores `s` (B, C) into the running (max, sum, row sum) of the same-class
+  (`pos`) and other-class (`neg`) entries. One exp per score, one (2B, C) x (C, D) product."""
+  m = carry[0]                                                    # (2, B)
+  chunk_max = jnp.stack([jnp.max(jnp.where(pos, s, -jnp.inf), axis=1),
+                         jnp.max(jnp.where(neg, s, -jnp.inf), axis=1)])
+  m_new = jnp.maximum(m, chunk_max)
+  m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+  scale = jnp.exp(m - m_safe)                                     # 0 while m is -inf
+  e = jnp.exp(s - jnp.where(pos, m_safe[0][:, None], m_safe[1][:, None]))
+  e = jnp.stack([jnp.where(pos, e, 0.0), jnp.where(neg, e, 0.0)])   # (2, B, C)
+  g = jnp.einsum('kbc,cd->kbd', e.astype(matmul_dtype), rows,
+                 preferred_element_type=jnp.float32)
+  return (m_new, carry[1] * scale + jnp.sum(e, axis=2),
+          carry[2] * scale[..., None] + g)
+
+
+def _combine(m, l, g):
+  """Merges per-device (m, l, g) into the global ones."""
+  m_all = jax.lax.pmax(m, DATA)
+  m_safe = jnp.where(jnp.isfinite(m_all), m_all, 0.0)
+  scale = jnp.exp(m - m_safe)
+  return m_all, jax.lax.psum(l * scale, DATA), jax.lax.psum(g * scale[..., None], DATA)
+
+
+def _device_pass(features, indices, bank, bank_labels, *, temperature, chunk_size,
+                 matmul_dtype):
+  """One device: its rows of the bank -> global (m, l, G, count) for same- and other-class
+  rows. The counts say which examples have any same-class row at all (by membership, so that
+  a non-finite feature propagates instead of looking like an empty class)."""
+  rows, dim = bank.shape
+  batch = features.shape[0]
+  offset = jax.lax.axis_index(DATA) * rows
+  # The batch's labels are bank_labels[indices]: each device contributes the ones it holds.
+  local = indices - offset
+  mine = (local >= 0) & (local < rows)
+  labels = jax.lax.psum(jnp.where(mine, bank_labels[jnp.clip(local, 0, rows - 1)], 0), DATA)
+
+  chunk = min(chunk_size, rows)
+  num_chunks = -(-rows // chunk)
+  queries = (features / temperature).astype(matmul_dtype)
+
+  def body(carry, c):
+    # The last chunk may overlap the one before it (rows % chunk != 0): rows below c * chunk
+    # were already counted and are masked out, so the bank needs no padding per chunk.
+    start = jnp.minimum(c * chunk, rows - chunk)
+    local_rows = start + jnp.arange(chunk)
+    rows_c = jax.lax.dynamic_slice(bank, (start, 0), (chunk, dim)).astype(matmul_dtype)
+    labels_c = jax.lax.dynamic_slice(bank_labels, (start,), (chunk,))
+    s = jnp.einsum('bd,cd->bc', queries, rows_c, preferred_element_type=jnp.float32)
+    present = ((labels_c >= 0) & (local_rows >= c * chunk))[None, :]
+    present &= (offset + local_rows)[None, :] != indices[:, None]          # not itself
+    same = labels_c[None, :] == labels[:, None]
+    pos, neg = present & same, present & ~same
+    stats = _online_update(carry[:3], s, pos, neg, rows_c, matmul_dtype)
+    count = carry[3] + jnp.stack([jnp.sum(pos, axis=1), jnp.sum(neg, axis=1)])
+    return (*stats, count), None
+
+  init = (jnp.full((2, batch), -jnp.inf), jnp.zeros((2, batch)), jnp.zeros((2, batch, dim)),
+          jnp.zeros((2, batch), jnp.int32))
+  (m, l, g, n), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  m, l, g = _combine(m, l, g)
+  n = jax.lax.psum(n, DATA)
+  return (m[0], l[0], g[0], n[0]), (m[1], l[1], g[1], n[1])
+
+
+def _loss_and_grad(features, indices, bank, bank_labels, temperature, margin, mesh, chunk_size,
+                   matmul_dtype):
+  features = features.astype(jnp.float32)
+
+  def per_device(f, idx, b, lab):
+    (m_p, l_p, g_p, n_p), (m_n, l_n, g_n, n_n) = _device_pass(
+        f, idx, b, lab, temperature=temperature, chunk_size=chunk_size,
+        matmul_dtype=matmul_dtype)
+    valid, has_neg = n_p > 0, n_n > 0
+    log_pos = m_p + jnp.log(jnp.where(valid, l_p, 1.0)) - margin / temperature   # log P'
+    log_neg = jnp.where(has_neg, m_n + jnp.log(jnp.where(has_neg, l_n, 1.0)), -jnp.inf)
+    log_p = log_pos - jnp.logaddexp(log_neg, log_pos)                            # log p
+    batch = f.shape[0]
+    loss = -jnp.sum(jnp.where(valid, log_p, 0.0)) / batch
+    mean_pos = g_p / jnp.where(valid, l_p, 1.0)[:, None]                         # Gp
+    mean_neg = g_n / jnp.where(has_neg, l_n, 1.0)[:, None]                       # Gn
+    coef = jnp.where(valid, -jnp.expm1(log_p), 0.0) / (temperature * batch)      # (1 - p)/(T B)
+    return loss, coef[:, None] * (mean_neg - mean_pos)
+
+  return jax.shard_map(per_device, mesh=mesh,
+                       in_specs=(P(), P(), P(DATA), P(DATA)),
+                       out_specs=(P(), P()), check_vma=False)(
+                           features, indices, bank, bank_labels)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _streaming(features, indices, bank, bank_labels, temperature, margin, mesh, chunk_size,
+               matmul_dtype):
+  return _loss_and_grad(features, indices, bank, bank_labels, temperature, margin, mesh,
+                        chunk_size, matmul_dtype)[0]
+
+
+def _streaming_fwd(features, indices, bank, bank_labels, temperature, margin, mesh, chunk_size,
+                   matmul_dtype):
+  loss, grad = _loss_and_grad(features, indices, bank, bank_labels, temperature, margin, mesh,
+                              chunk_size, matmul_dtype)
+  return loss, grad.astype(features.dtype)
+
+
+def _streaming_bwd(temperature, margin, mesh, chunk_size, matmul_dtype, grad, cotangent):
+  del temperature, margin, mesh, chunk_size, matmul_dtype
+  return cotangent * grad, None, None, None     # nothing flows into indices, bank or labels
+
+
+_streaming.defvjp(_streaming_fwd, _streaming_bwd)
+
+
+def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0, mesh,
+                       chunk_size=4096, matmul_dtype=jnp.float32):
+  """The NCA loss of SPEC.md, equal to `nca_loss`, in one streaming pass over a row-sharded
+  bank that also yields the feature gradient. `bank` (N, D) and `bank_labels` (N,) are sharded
+  by rows over `mesh`'s data axis; `features` (B, D) and `indices` (B,) are replicated by it.
+  `matmul_dtype=jnp.bfloat16` runs both matrix products in bfloat16 with float32 accumulation.
+  """
+  return _streaming(features, indices, bank, bank_labels, float(temperature), float(margin),
+                    mesh, int(chunk_size), jnp.dtype(matmul_dtype))
+
+
+def update_bank_sharded(bank, indices, features, momentum, *, mesh):
+  """`update_bank` on a row-sharded bank: each device writes only the batch rows it owns."""
+
+  def per_device(b, idx, f, mu):
+    rows = b.shape[0]
+    local = idx - jax.lax.axis_index(DATA) * rows
+    mine = (local >= 0) & (local < rows)
+    safe = jnp.clip(local, 0, rows - 1)
+    new = l2_normalize(mu * b[safe] + (1.0 - mu) * f.astype(b.dtype))
+    return b.at[jnp.where(mine, local, rows)].set(new, mode='drop')
+
+  features = jax.lax.stop_gradient(features)
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(DATA), P(), P(), P()),
+                       out_specs=P(DATA), check_vma=False)(
+                           bank, indices, features, jnp.asarray(momentum, bank.dtype))

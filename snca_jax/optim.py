@@ -2,7 +2,8 @@
 
 - SGD with Nesterov momentum and coupled weight decay, as torch.optim.SGD: the decay is added to
   the gradient before the momentum, and applies to every parameter.
-- Learning rate: `lr * lr_decay ** (epoch // lr_step_epochs)`, evaluated per optimizer update.
+- Learning rate: `lr * lr_decay ** (epoch // lr_step_epochs)` (the original's), evaluated per
+  optimizer update; or, with `lr_schedule = 'cosine'`, a cosine decay from `lr` to 0 over the run.
 - Gradient accumulation (the original's `--iter-size`): `optax.MultiSteps` averages the gradients
   of `grad_accum_steps` consecutive batches before one update. Batch statistics and the memory
   bank are updated on every batch, as in the original.
@@ -13,8 +14,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from snca_jax.errors import ConfigError
+
 
 def learning_rate_schedule(config, updates_per_epoch: int):
+  if config.lr_schedule == 'cosine':
+    return optax.cosine_decay_schedule(config.learning_rate,
+                                       max(config.num_epochs * updates_per_epoch, 1))
+  if config.lr_schedule != 'step':
+    raise ConfigError(f"lr_schedule {config.lr_schedule!r} is not supported: use 'step' or "
+                     f"'cosine'")
   boundaries = {}
   epoch = config.lr_step_epochs
   while epoch < config.num_epochs:

@@ -8,16 +8,22 @@ bank and checkpoints the whole state; a rerun of the same command resumes from t
 checkpoint at the exact batch where it stopped.
 """
 
+import functools
 import logging
 import math
 import os
+import signal
+import tempfile
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 
 from snca_jax import checkpoint
 from snca_jax import evaluate
@@ -28,12 +34,9 @@ from snca_jax import nca
 from snca_jax import optim
 from snca_jax import state as state_lib
 from snca_jax.data import pipeline
+from snca_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 log = logging.getLogger('snca_jax')
-
-class TrainingError(Exception):
-  """Training cannot go on; the message says why."""
-
 
 def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
   """The jitted step, with the state donated and every sharding stated."""
@@ -44,8 +47,10 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
       features, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
           mutable=['batch_stats'])
-      loss = nca.nca_loss(features, batch['index'], state.bank, state.bank_labels,
-                          temperature=config.temperature, margin=config.margin)
+      loss = nca.streaming_nca_loss(
+          features, batch['index'], state.bank, state.bank_labels,
+          temperature=config.temperature, margin=config.margin, mesh=mesh,
+          chunk_size=config.nca_chunk_size, matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
       return loss, (features, updates['batch_stats'])
 
     (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -53,7 +58,7 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     momentum = memory_momentum(state.step)
-    bank = nca.update_bank(state.bank, batch['index'], features, momentum)
+    bank = nca.update_bank_sharded(state.bank, batch['index'], features, momentum, mesh=mesh)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, bank=bank)
     return new_state, {'loss': loss, 'memory_momentum': momentum}
@@ -85,7 +90,7 @@ def nn_monitor(state, model, eval_source, config, mesh):
 def check_labels(labels, num_classes: int, what: str):
   if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
     bad = labels[(labels < 0) | (labels >= num_classes)][0]
-    raise pipeline.DataError(
+    raise DataError(
         f'{what} has label {int(bad)} outside [0, {num_classes}): set '
         f'--config.data.num_classes to the number of classes of the dataset')
 
@@ -93,13 +98,105 @@ def check_labels(labels, num_classes: int, what: str):
 def _check_config(config, mesh):
   n = mesh.shape[mesh_lib.DATA]
   if config.batch_size % n != 0:
-    raise ValueError(f'batch_size {config.batch_size} is not divisible by the {n} devices: '
+    raise ConfigError(f'batch_size {config.batch_size} is not divisible by the {n} devices: '
                      f'choose a multiple of {n}')
+
+
+class StopRequest:
+  """SIGTERM / SIGINT: the loop finishes its step, writes a checkpoint and returns.
+
+  Every process must stop at the same step; with several processes they agree on it every
+  `check_every` steps through one small all-gather.
+  """
+
+  def __init__(self, check_every: int):
+    self.signum = None
+    self.check_every = check_every
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if step % self.check_every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+    self.signum = self.signum or int(np.max(flags)) or None
+    return self.signum is not None
+
+  def close(self):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_workdir(workdir: str):
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise CheckpointError(f'workdir {workdir} is not writable ({e.strerror}): choose another '
+                          f'--workdir') from e
+
+
+def _restore(mngr, step: int, abstract, config, num_examples: int, workdir: str):
+  """The checkpointed state, after checking that it belongs to this config."""
+  where = os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
+  try:
+    saved = checkpoint.restore_config(mngr, step)
+    saved_rows = mngr.item_metadata(step)['state'].tree['bank'].shape[0]
+  except Exception as e:
+    raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}): move it '
+                          f'away to resume from an earlier one, or use a new --workdir') from e
+  for key in ('model', 'low_dim'):
+    if saved.get(key) != config[key]:
+      raise CheckpointError(
+          f'checkpoint {where} has {key}={saved.get(key)!r} but the config has '
+          f'{key}={config[key]!r}: use the same config to resume, or a new --workdir')
+  if saved_rows < num_examples or saved_rows >= num_examples + abstract.bank.sharding.mesh.size:
+    raise CheckpointError(
+        f'checkpoint {where} has a bank of {saved_rows} rows but the training set has '
+        f'{num_examples} examples: resume with the same dataset, or use a new --workdir')
+  try:
+    if saved_rows == abstract.bank.shape[0]:
+      return checkpoint.restore_state(mngr, step, abstract)
+    return _restore_repadded(mngr, step, abstract, saved_rows, num_examples)
+  except Exception as e:
+    raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
+                          f'{str(e)[:200]}): move it away to resume from an earlier one, or '
+                          f'use a new --workdir') from e
+
+
+def _restore_repadded(mngr, step, abstract, saved_rows, num_examples):
+  """A checkpoint written on another number of devices pads the bank to another length:
+  restore it at its own length, then re-pad it for this mesh."""
+  mesh = abstract.bank.sharding.mesh
+  fits = saved_rows % mesh.size == 0
+  as_saved = lambda a: jax.ShapeDtypeStruct(
+      (saved_rows, *a.shape[1:]), a.dtype,
+      sharding=mesh_lib.rows(mesh) if fits else mesh_lib.replicated(mesh))
+  state = checkpoint.restore_state(mngr, step, abstract.replace(
+      bank=as_saved(abstract.bank), bank_labels=as_saved(abstract.bank_labels)))
+  pad = abstract.bank.shape[0] - num_examples
+
+  @functools.partial(jax.jit, out_shardings=(mesh_lib.rows(mesh),) * 2)
+  def repad(bank, labels):
+    return (jnp.pad(bank[:num_examples], ((0, pad), (0, 0))),
+            jnp.pad(labels[:num_examples], (0, pad), constant_values=nca.PAD_LABEL))
+
+  bank, labels = repad(state.bank, state.bank_labels)
+  return state.replace(bank=bank, bank_labels=labels)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the state."""
-  os.makedirs(workdir, exist_ok=True)
+  _check_workdir(workdir)
   mesh = mesh_lib.make_mesh()
   _check_config(config, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
@@ -108,8 +205,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   num_examples = len(train_source)
   steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size {config.batch_size} exceeds the {num_examples} training '
-                     f'examples')
+    raise ConfigError(f'batch_size {config.batch_size} exceeds the {num_examples} training '
+                      f'examples')
   total_steps = steps_per_epoch * config.num_epochs
 
   model = models.model_from_config(config)
@@ -122,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                             max_to_keep=config.checkpoint_max_to_keep)
   latest = mngr.latest_step()
   if latest is not None:
-    state = checkpoint.restore_state(mngr, latest, abstract)
+    state = _restore(mngr, latest, abstract, config, num_examples, workdir)
     log.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), latest)
   else:
     bank_labels = pipeline.read_labels(train_source)
@@ -136,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   writer = metrics_lib.MetricWriter(workdir)
   checkpoint_config = config.to_dict()
   train_transform = evaluate.transform(config, config.data.train_augment)
+  stop = StopRequest(check_every=config.get('stop_check_steps', 10))
   step = int(state.step)
   try:
     while step < total_steps:
@@ -155,9 +253,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
           _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
         pending = (step, metrics)
         step += 1
-      if pending is not None:
+        if stop.requested(step):
+          break
+      if pending is not None:     # the last step's loss is checked before any save
         _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
       bar.close()
+      if stop.requested(step):
+        checkpoint.save(mngr, step, state, checkpoint_config)
+        mngr.wait_until_finished()
+        if pid == 0:
+          print(f'train.py: stopped by {signal.Signals(stop.signum).name} at step {step}; '
+                f'checkpoint written to {checkpoint.checkpoint_dir(workdir)}; run the same '
+                f'command to resume', flush=True)
+        return state
       acc = nn_monitor(state, model, eval_source, config, mesh)
       writer.write(step, {'val/nn_top1': acc, 'epoch': epoch + 1})
       if pid == 0:
@@ -166,6 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
               flush=True)
       checkpoint.save(mngr, step, state, checkpoint_config)
   finally:
+    stop.close()
     mngr.wait_until_finished()
     writer.close()
   return state

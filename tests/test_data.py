@@ -8,6 +8,7 @@ import pytest
 from snca_jax.data import augment
 from snca_jax.data import fashion_mnist
 from snca_jax.data import pipeline
+from snca_jax.errors import DataError
 
 
 def _transform(kind='none', size=28):
@@ -37,7 +38,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, fake_data_config):
   config.idx_dir = str(tmp_path / 'nothing')
   config.data_dir = str(tmp_path / 'tfds')
   config.download = False
-  with pytest.raises(pipeline.DataError, match='dataset-fashion-mnist'):
+  with pytest.raises(DataError, match='dataset-fashion-mnist'):
     pipeline.open_source(config, 'train')
 
 

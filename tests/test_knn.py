@@ -56,3 +56,15 @@ def test_top_k_accuracy():
   scores = np.array([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05], [0.2, 0.3, 0.5]])
   acc = knn.top_k_accuracy(scores, np.array([2, 0, 0]), ks=(1, 2))
   assert acc == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3)}
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_top_k_neighbors_returns_the_exact_rows(num_devices):
+  q, bank, labels, _ = problem(2, N=208)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  sims, idx, lab = knn.top_k_neighbors(jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.rows(mesh)),
+                                       jax.device_put(labels, mesh_lib.rows(mesh)), k=10, mesh=mesh)
+  want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :10]
+  assert np.array_equal(np.asarray(idx), want)
+  assert np.array_equal(np.asarray(lab), labels[want])
+  np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(q @ bank.T, want, 1), rtol=1e-5)

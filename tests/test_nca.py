@@ -167,3 +167,81 @@ def test_init_bank():
   assert b.min() >= -s and b.max() <= s
   assert b.min() < -0.99 * s and b.max() > 0.99 * s       # uniform over the whole range
   assert abs(b.mean()) < 0.01
+
+
+# --- the streaming, sharded kernel against the dense reference --------------------------------
+
+def _sharded(bank, labels, num_devices):
+  """The bank padded to the device count (padding label -1) and sharded by rows."""
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank)
+  bank = np.concatenate([bank, np.ones((pad, bank.shape[1]), np.float32)])
+  labels = np.concatenate([labels, np.full(pad, nca.PAD_LABEL, np.int32)])
+  return (mesh, jax.device_put(bank, mesh_lib.rows(mesh)),
+          jax.device_put(labels, mesh_lib.rows(mesh)))
+
+
+def streaming_loss_and_grad(f, idx, mesh, bank, labels, **kw):
+  fn = jax.value_and_grad(lambda x: nca.streaming_nca_loss(x, idx, bank, labels, mesh=mesh, **kw))
+  loss, grad = jax.jit(fn)(f)
+  return float(loss), np.asarray(grad)
+
+
+@pytest.mark.parametrize('num_devices', [1, 2, 8])
+@pytest.mark.parametrize('chunk_size', [7, 4096])
+@pytest.mark.parametrize('margin', [0.0, 0.1])
+def test_streaming_matches_dense(num_devices, chunk_size, margin):
+  f, idx, bank, labels = make_problem(10, N=203, unit_bank=False)   # 203: not divisible by 2, 8
+  labels[idx[0]] = 7                                                 # a singleton class
+  mesh, sb, sl = _sharded(bank, labels, num_devices)
+  got = streaming_loss_and_grad(f, idx, mesh, sb, sl, temperature=0.05, margin=margin,
+                                chunk_size=chunk_size)
+  want = loss_and_grad(f, idx, bank, labels, temperature=0.05, margin=margin)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-5 * np.abs(want[1]).max())
+  assert np.all(got[1][0] == 0)
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_streaming_is_finite_and_exact_at_low_temperature(num_devices):
+  f, idx, bank, labels = make_problem(11, N=203, unit_bank=False)
+  mesh, sb, sl = _sharded(bank, labels, num_devices)
+  got = streaming_loss_and_grad(f, idx, mesh, sb, sl, temperature=0.01, chunk_size=16)
+  ref_loss, ref_grad = reference(f, idx, bank, labels, 0.01)
+  assert np.isfinite(got[0]) and np.all(np.isfinite(got[1]))
+  np.testing.assert_allclose(got[0], ref_loss, rtol=1e-4)
+  np.testing.assert_allclose(got[1], ref_grad, rtol=1e-3, atol=1e-4 * np.abs(ref_grad).max())
+
+
+def test_streaming_bfloat16_matmuls_are_close():
+  f, idx, bank, labels = make_problem(12, N=256)
+  mesh, sb, sl = _sharded(bank, labels, 8)
+  got = streaming_loss_and_grad(f, idx, mesh, sb, sl, temperature=0.05, chunk_size=8,
+                                matmul_dtype=jnp.bfloat16)
+  want = loss_and_grad(f, idx, bank, labels, temperature=0.05)
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-2)
+  np.testing.assert_allclose(got[1], want[1], atol=3e-2 * np.abs(want[1]).max())
+
+
+@pytest.mark.parametrize('num_devices', [1, 2, 8])
+def test_sharded_bank_update_matches_dense(num_devices):
+  f, idx, bank, labels = make_problem(13, N=203, unit_bank=False)
+  mesh, sb, _ = _sharded(bank, labels, num_devices)
+  new = nca.update_bank_sharded(sb, idx, f, 0.8, mesh=mesh)
+  assert new.sharding == sb.sharding
+  want = np.asarray(nca.update_bank(jnp.asarray(bank), idx, f, 0.8))
+  np.testing.assert_allclose(np.asarray(new)[:203], want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(np.asarray(new)[203:], np.asarray(sb)[203:])   # padding kept
+
+
+@pytest.mark.parametrize('streaming', [False, True])
+def test_a_non_finite_feature_makes_the_loss_non_finite(streaming):
+  """NaN must propagate (so training stops), not look like an example without neighbours."""
+  f, idx, bank, labels = make_problem(14)
+  f[3] = np.nan
+  if streaming:
+    mesh, sb, sl = _sharded(bank, labels, 8)
+    loss = nca.streaming_nca_loss(f, idx, sb, sl, temperature=0.05, mesh=mesh)
+  else:
+    loss = nca.nca_loss(f, idx, bank, labels, temperature=0.05)
+  assert not np.isfinite(float(loss))

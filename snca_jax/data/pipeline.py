@@ -16,15 +16,14 @@ import os
 from typing import Any, Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from snca_jax.data import augment
+from snca_jax.errors import DataError
 from snca_jax.data.fashion_mnist import DEFAULT_IDX_DIR, FashionMnistIdx
-
-
-class DataError(Exception):
-  """A dataset that cannot be found or read; the message says what to do."""
 
 
 def open_source(data_config, split: str):
@@ -35,14 +34,12 @@ def open_source(data_config, split: str):
     tfds_dir = data_dir or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
     builder = FashionMnistIdx(idx_dir=idx_dir, download=data_config.get('download', True),
                               data_dir=tfds_dir, file_format='array_record')
+    if jax.process_count() > 1:   # process 0 first, so a shared filesystem is written once
+      if jax.process_index() == 0 and not builder.is_prepared():
+        _prepare(builder, idx_dir)
+      multihost_utils.sync_global_devices('snca_jax: fashion_mnist prepared')
     if not builder.is_prepared():
-      try:
-        builder.download_and_prepare(file_format='array_record')
-      except Exception as e:  # no IDX files and no network
-        raise DataError(
-            f'Fashion-MNIST not found in {idx_dir} and could not be downloaded ({type(e).__name__}'
-            f'): install Debian\'s dataset-fashion-mnist (apt-get install dataset-fashion-mnist) '
-            f'or set --config.data.idx_dir to a folder holding the four IDX files') from e
+      _prepare(builder, idx_dir)
     return builder.as_data_source(split)
   try:
     return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -51,6 +48,16 @@ def open_source(data_config, split: str):
         f'TFDS dataset {name!r} (split {split!r}) could not be opened from '
         f'{data_dir or "the default TFDS data dir"} ({type(e).__name__}: {e}); prepare it as '
         f'array_record first, or set --config.data.data_dir') from e
+
+
+def _prepare(builder, idx_dir):
+  try:
+    builder.download_and_prepare(file_format='array_record')
+  except Exception as e:  # no IDX files and no network
+    raise DataError(
+        f'Fashion-MNIST not found in {idx_dir} and could not be downloaded ({type(e).__name__}'
+        f'): install Debian\'s dataset-fashion-mnist (apt-get install dataset-fashion-mnist) '
+        f'or set --config.data.idx_dir to a folder holding the four IDX files') from e
 
 
 def image_shape(data_config):

@@ -1,0 +1,182 @@
+"""One NCA step (loss, feature gradient, bank update) at ImageNet scale, four ways, on the CPU.
+
+    python benchmarks/nca_step.py                  # N = 1,281,167, B = 256, D = 128
+    python benchmarks/nca_step.py --n 100000       # quicker
+
+  ours   snca_jax.nca.streaming_nca_loss + update_bank_sharded (one device here), jitted, bank
+         donated so that the update is in place
+  dense  snca_jax.nca.nca_loss (the dense reference) + update_bank, jitted, bank donated
+  torch  the original's operation in PyTorch: LinearAverage (x @ memory.T / T; backward
+         grad @ memory / T, then the in-place momentum update of the memory) + NCACrossEntropy
+  floor  the two matrix products alone: (B, D) x (D, N), then (B, N) x (N, D)
+
+Each variant runs in its own process, so that its peak resident memory (VmHWM) is its own; the
+table gives the median step time and the peak memory above the process's footprint before the
+bank was made, next to the bank's own size. Needs `pip install -r benchmarks/requirements.txt`
+for the torch variant.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ('ours', 'dense', 'torch', 'floor')
+
+
+def rss_mb(field='VmRSS'):
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(field + ':'):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError(field)
+
+
+def make_inputs(n, b, d, seed=0):
+  rng = np.random.default_rng(seed)
+  f = rng.normal(size=(b, d)).astype(np.float32)
+  f /= np.linalg.norm(f, axis=1, keepdims=True)
+  idx = rng.choice(n, size=b, replace=False).astype(np.int32)
+  labels = rng.integers(0, 1000, size=n).astype(np.int32)
+  return f, idx, labels
+
+
+def jax_variant(name, args):
+  import jax
+  import jax.numpy as jnp
+  sys.path.insert(0, ROOT)
+  from snca_jax import mesh as mesh_lib
+  from snca_jax import nca
+  jax.devices()
+  base = rss_mb()
+  f, idx, labels = make_inputs(args.n, args.b, args.d)
+  mesh = mesh_lib.make_mesh()
+  bank = jax.device_put(nca.init_bank(jax.random.key(0), args.n, args.d), mesh_lib.rows(mesh))
+  labels = jax.device_put(labels, mesh_lib.rows(mesh))
+  f, idx = jnp.asarray(f), jnp.asarray(idx)
+  T = 0.05
+
+  if name == 'floor':
+    step = jax.jit(lambda bank, f: (bank, (f @ bank.T) @ bank), donate_argnums=0)
+  elif name == 'ours':
+    def step(bank, f):
+      loss, grad = jax.value_and_grad(lambda x: nca.streaming_nca_loss(
+          x, idx, bank, labels, temperature=T, mesh=mesh, chunk_size=args.chunk))(f)
+      return nca.update_bank_sharded(bank, idx, f, 0.5, mesh=mesh), (loss, grad)
+    step = jax.jit(step, donate_argnums=0)
+  else:
+    def step(bank, f):
+      loss, grad = jax.value_and_grad(
+          lambda x: nca.nca_loss(x, idx, bank, labels, temperature=T))(f)
+      return nca.update_bank(bank, idx, f, 0.5), (loss, grad)
+    step = jax.jit(step, donate_argnums=0)
+
+  times = []
+  for i in range(args.repeats + 1):
+    t = time.perf_counter()
+    bank, out = step(bank, f)
+    jax.block_until_ready((bank, out))
+    times.append(time.perf_counter() - t)
+  return times[1:], base
+
+
+def torch_variant(args):
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  base = rss_mb()
+  f, idx, labels = make_inputs(args.n, args.b, args.d)
+  stdv = 1.0 / (args.d / 3) ** 0.5
+  memory = torch.rand(args.n, args.d).mul_(2 * stdv).add_(-stdv)
+  labels = torch.from_numpy(labels).long()
+  idx = torch.from_numpy(idx).long()
+  T, momentum = 0.05, 0.5
+
+  class LinearAverageOp(torch.autograd.Function):
+    """The original's LinearAverage: scores against the memory, momentum update in backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, memory):
+      ctx.save_for_backward(x, y, memory)
+      return torch.mm(x, memory.t()) / T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+      x, y, memory = ctx.saved_tensors
+      grad_in = torch.mm(grad_out, memory) / T
+      rows = memory.index_select(0, y).mul_(momentum).add_(x * (1 - momentum))
+      rows.div_(rows.pow(2).sum(1, keepdim=True).sqrt())
+      memory.index_copy_(0, y, rows)
+      return grad_in, None, None
+
+  def nca_cross_entropy(scores, y):
+    """The original's NCACrossEntropy (margin 0): plain exp, self excluded, masked log."""
+    b, n = scores.shape
+    e = torch.exp(scores)
+    same = labels.index_select(0, y).view(b, 1).expand(b, n).eq(labels)
+    e = e.scatter(1, y.view(-1, 1), 0)
+    p = (e * same.float()).sum(1)
+    z = e.sum(1)
+    prob = p / z
+    return -torch.log(torch.masked_select(prob, prob.ne(0))).sum() / b
+
+  times = []
+  for i in range(args.repeats + 1):
+    x = torch.from_numpy(f).clone().requires_grad_(True)
+    t = time.perf_counter()
+    loss = nca_cross_entropy(LinearAverageOp.apply(x, idx, memory), idx)
+    loss.backward()
+    times.append(time.perf_counter() - t)
+  return times[1:], base
+
+
+def child(args):
+  if args.run == 'torch':
+    times, base = torch_variant(args)
+  else:
+    times, base = jax_variant(args.run, args)
+  print(json.dumps({'variant': args.run, 'ms': 1000 * float(np.median(times)),
+                    'peak_mb': rss_mb('VmHWM') - base}))
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--n', type=int, default=1_281_167)
+  p.add_argument('--b', type=int, default=256)
+  p.add_argument('--d', type=int, default=128)
+  p.add_argument('--chunk', type=int, default=4096)
+  p.add_argument('--repeats', type=int, default=5)
+  p.add_argument('--variants', default=','.join(VARIANTS))
+  p.add_argument('--run', choices=VARIANTS, help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args.run:
+    return child(args)
+  bank_mb = args.n * args.d * 4 / 2**20
+  print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, CPU x{os.cpu_count()}, '
+        f'median of {args.repeats}; bank = {bank_mb:.0f} MB')
+  results = {}
+  for v in args.variants.split(','):
+    cmd = [sys.executable, __file__, '--run', v, '--n', str(args.n), '--b', str(args.b),
+           '--d', str(args.d), '--chunk', str(args.chunk), '--repeats', str(args.repeats)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+      print(f'{v:6s} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}')
+      continue
+    results[v] = json.loads(r.stdout.strip().splitlines()[-1])
+  floor = results.get('floor', {}).get('ms')
+  print(f"{'variant':8s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}")
+  for v, r in results.items():
+    ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
+    print(f"{v:8s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
+  if 'ours' in results and 'torch' in results:
+    print(f"ours is {results['torch']['ms'] / results['ours']['ms']:.1f}x faster than torch, "
+          f"{results['dense']['ms'] / results['ours']['ms']:.1f}x faster than dense"
+          if 'dense' in results else '')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,34 @@
+"""CIFAR-10, CIFAR ResNet-18: the original's `cifar.py` recipe (SPEC.md).
+
+    python train.py --config configs/cifar10_resnet18.py --workdir runs/cifar10 \
+        --config.data.data_dir=~/tensorflow_datasets
+
+Needs TFDS `cifar10` prepared as array_record (`tfds build cifar10 --file_format=array_record`).
+"""
+
+from configs import fashion_mnist
+
+
+def get_config():
+  c = fashion_mnist.get_config()
+  c.model = 'cifar_resnet18'
+  c.data.name = 'cifar10'
+  c.data.train_split, c.data.eval_split = 'train', 'test'
+  c.data.num_classes = 10
+  c.data.image_size, c.data.channels = 32, 3
+  c.data.mean = (0.4914, 0.4822, 0.4465)
+  c.data.std = (0.2023, 0.1994, 0.2010)
+  c.data.train_augment = 'cifar'     # resized crop (0.2-1), grayscale 0.2, jitter 0.4, flip
+  c.data.eval_augment = 'none'
+  c.data.worker_count = 4
+  c.num_epochs = 200
+  c.batch_size = 128
+  c.learning_rate = 0.1
+  c.lr_schedule = 'step'
+  c.lr_step_epochs = 50
+  c.lr_decay = 0.1
+  c.weight_decay = 5e-4
+  c.memory_momentum = 0.5
+  c.memory_momentum_steps = ()
+  c.temperature = 0.05
+  return c

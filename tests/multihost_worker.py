@@ -1,0 +1,71 @@
+"""One process of a small training run, for tests/test_multihost.py (not a test itself).
+
+    python tests/multihost_worker.py --devices 2 --num_processes 2 --process_id 0 --port P \
+        --workdir W --idx_dir I --data_dir D --out results.npz [--epochs 2] [--eval_only]
+
+Trains the tiny config (resuming from W), then process 0 writes the final params, bank, batch
+statistics and the kNN evaluation of the checkpoint to --out.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+p = argparse.ArgumentParser()
+p.add_argument('--devices', type=int, required=True)
+p.add_argument('--num_processes', type=int, default=1)
+p.add_argument('--process_id', type=int, default=0)
+p.add_argument('--port', type=int, default=0)
+p.add_argument('--workdir', required=True)
+p.add_argument('--idx_dir', required=True)
+p.add_argument('--data_dir', required=True)
+p.add_argument('--out', required=True)
+p.add_argument('--epochs', type=int, default=2)
+p.add_argument('--eval_only', action='store_true')
+args = p.parse_args()
+
+import jax  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', args.devices)
+if args.num_processes > 1:
+  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{args.port}',
+                             num_processes=args.num_processes, process_id=args.process_id)
+
+import numpy as np  # noqa: E402
+
+from configs import fashion_mnist  # noqa: E402
+from snca_jax import distributed  # noqa: E402
+from snca_jax import evaluate  # noqa: E402
+from snca_jax import train  # noqa: E402
+
+
+def tiny_config():
+  c = fashion_mnist.get_config()
+  c.data.idx_dir, c.data.data_dir = args.idx_dir, args.data_dir
+  c.model, c.low_dim, c.batch_size, c.num_epochs = 'tiny_resnet', 16, 16, args.epochs
+  c.knn.batch_size, c.log_every_steps = 16, 1
+  return c
+
+
+def main():
+  assert jax.process_count() == args.num_processes
+  assert len(jax.devices()) == args.devices * args.num_processes
+  out = {}
+  if not args.eval_only:
+    state = train.train_and_evaluate(tiny_config(), args.workdir)
+    leaves = jax.tree_util.tree_leaves_with_path(
+        {'params': state.params, 'batch_stats': state.batch_stats})
+    out = {jax.tree_util.keystr(k): distributed.to_host(v) for k, v in leaves}
+    out['bank'] = distributed.to_host(state.bank)
+    out['bank_labels'] = distributed.to_host(state.bank_labels)
+    out['step'] = np.asarray(int(state.step))
+  result = evaluate.evaluate_checkpoint(args.workdir)
+  out['knn_top1'], out['knn_top5'] = np.asarray(result['top1']), np.asarray(result['top5'])
+  if jax.process_index() == 0:
+    np.savez(args.out, **out)
+
+
+if __name__ == '__main__':
+  main()

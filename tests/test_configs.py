@@ -1,0 +1,39 @@
+"""Every config loads, names a known model, and carries the original's recipe (SPEC.md)."""
+
+import importlib
+
+import pytest
+
+from snca_jax import models
+from snca_jax import optim
+
+NAMES = ['fashion_mnist', 'cifar10_resnet18', 'imagenet_resnet18', 'imagenet_resnet34',
+         'imagenet_resnet50']
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_config_loads(name):
+  c = importlib.import_module(f'configs.{name}').get_config()
+  assert c.model in models.MODELS
+  assert c.temperature == 0.05 and c.low_dim == 128
+  assert c.batch_size > 0 and c.grad_accum_steps >= 1
+
+
+def test_imagenet_recipe():
+  c = importlib.import_module('configs.imagenet_resnet18').get_config()
+  assert (c.num_epochs, c.batch_size, c.weight_decay) == (130, 256, 1e-4)
+  lr = [optim.learning_rate_at(c, 100, e * 100) for e in (0, 39, 40, 79, 80, 120, 129)]
+  assert lr == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.0001, 0.0001])
+  mm = optim.memory_momentum_schedule(c, 100)
+  assert [float(mm(e * 100)) for e in (0, 79, 80, 119, 120, 129)] == pytest.approx(
+      [0.5, 0.5, 0.8, 0.8, 0.9, 0.9])
+  r50 = importlib.import_module('configs.imagenet_resnet50').get_config()
+  assert (r50.model, r50.batch_size, r50.grad_accum_steps) == ('resnet50', 128, 2)
+
+
+def test_cifar_recipe():
+  c = importlib.import_module('configs.cifar10_resnet18').get_config()
+  assert (c.num_epochs, c.batch_size, c.weight_decay, c.model) == (200, 128, 5e-4,
+                                                                    'cifar_resnet18')
+  lr = [optim.learning_rate_at(c, 10, e * 10) for e in (0, 49, 50, 100, 150, 199)]
+  assert lr == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001])

@@ -1,0 +1,207 @@
+"""The converter: PyTorch models in the original's checkpoint format -> equal Flax embeddings."""
+
+import os
+import pickle
+import sys
+import types
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip('torch')
+nn = torch.nn
+F = torch.nn.functional
+
+from configs import fashion_mnist, imagenet_resnet18  # noqa: E402
+from snca_jax import checkpoint  # noqa: E402
+from snca_jax import convert  # noqa: E402
+from snca_jax import evaluate  # noqa: E402
+from snca_jax import mesh as mesh_lib  # noqa: E402
+from snca_jax import models  # noqa: E402
+from snca_jax import train  # noqa: E402
+from snca_jax.data import pipeline  # noqa: E402
+from snca_jax.errors import CheckpointError  # noqa: E402
+
+
+# --- PyTorch ResNets in torchvision's layout and in the original's CIFAR layout -------------
+
+class Block(nn.Module):
+  def __init__(self, cin, width, stride, bottleneck, shortcut_name):
+    super().__init__()
+    self.bottleneck = bottleneck
+    out = width * (4 if bottleneck else 1)
+    if bottleneck:
+      self.conv1, self.bn1 = nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width)
+      self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(width)
+      self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+    else:
+      self.conv1 = nn.Conv2d(cin, width, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(width)
+      self.conv2, self.bn2 = nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width)
+    self.shortcut_name = shortcut_name
+    proj = (nn.Sequential(nn.Conv2d(cin, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            if stride != 1 or cin != out else None)
+    setattr(self, shortcut_name, proj)
+
+  def forward(self, x):
+    y = F.relu(self.bn1(self.conv1(x)))
+    if self.bottleneck:
+      y = F.relu(self.bn2(self.conv2(y)))
+      y = self.bn3(self.conv3(y))
+    else:
+      y = self.bn2(self.conv2(y))
+    proj = getattr(self, self.shortcut_name)
+    return F.relu(y + (proj(x) if proj is not None else x))
+
+
+class TorchResNet(nn.Module):
+  def __init__(self, stages, bottleneck, cifar, low_dim=128, in_ch=3):
+    super().__init__()
+    self.cifar = cifar
+    self.conv1 = (nn.Conv2d(in_ch, 64, 3, 1, 1, bias=False) if cifar
+                  else nn.Conv2d(in_ch, 64, 7, 2, 3, bias=False))
+    self.bn1 = nn.BatchNorm2d(64)
+    cin = 64
+    for i, (n, width) in enumerate(zip(stages, (64, 128, 256, 512))):
+      blocks = []
+      for j in range(n):
+        blocks.append(Block(cin, width, 2 if i and not j else 1, bottleneck,
+                            'shortcut' if cifar else 'downsample'))
+        cin = width * (4 if bottleneck else 1)
+      setattr(self, f'layer{i + 1}', nn.Sequential(*blocks))
+    setattr(self, 'linear' if cifar else 'fc', nn.Linear(cin, low_dim))
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    if not self.cifar:
+      x = F.max_pool2d(x, 3, 2, 1)
+    for i in range(1, 5):
+      x = getattr(self, f'layer{i}')(x)
+    x = x.mean(dim=(2, 3))
+    x = (self.linear if self.cifar else self.fc)(x)
+    return F.normalize(x, dim=1)
+
+
+def randomize_bn(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  for m in model.modules():
+    if isinstance(m, nn.BatchNorm2d):
+      m.running_mean.copy_(0.2 * torch.randn(m.num_features, generator=g))
+      m.running_var.copy_(0.5 + torch.rand(m.num_features, generator=g))
+      m.weight.data.copy_(0.5 + torch.rand(m.num_features, generator=g))
+      m.bias.data.copy_(0.1 * torch.randn(m.num_features, generator=g))
+  return model.eval()
+
+
+def original_memory_class():
+  """A stand-in for the original's lib.LinearAverage.LinearAverage, importable only while
+  saving: the converter must read it without this code."""
+  class LinearAverage(nn.Module):
+    def __init__(self, dim, n, T, momentum):
+      super().__init__()
+      stdv = 1 / (dim / 3) ** 0.5
+      self.register_buffer('params', torch.tensor([T, momentum]))
+      self.register_buffer('memory', torch.rand(n, dim).mul_(2 * stdv).add_(-stdv))
+  LinearAverage.__module__ = 'lib.LinearAverage'
+  LinearAverage.__qualname__ = 'LinearAverage'
+  return LinearAverage
+
+
+def save_original(path, model, n_bank, T=0.07, momentum=0.5, epoch=3):
+  lib, mod = types.ModuleType('lib'), types.ModuleType('lib.LinearAverage')
+  cls = original_memory_class()
+  mod.LinearAverage, lib.LinearAverage = cls, mod
+  sys.modules['lib'], sys.modules['lib.LinearAverage'] = lib, mod
+  try:
+    memory = cls(128, n_bank, T, momentum)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({'epoch': epoch, 'arch': 'x', 'best_prec1': 50.0, 'optimizer': opt.state_dict(),
+                'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
+                'lemniscate': memory}, path)
+  finally:
+    del sys.modules['lib'], sys.modules['lib.LinearAverage']
+  return memory.memory.numpy().copy()
+
+
+def flax_embed(workdir, x_nchw):
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+  step = mngr.latest_step()
+  config = checkpoint.restore_config(mngr, step)
+  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  import ml_collections
+  model = models.model_from_config(ml_collections.ConfigDict(config))
+  out = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
+                    np.transpose(x_nchw, (0, 2, 3, 1)), train=False)
+  return np.asarray(out), state, config
+
+
+@pytest.mark.parametrize('name,stages,bottleneck,cifar,size', [
+    ('resnet18', (2, 2, 2, 2), False, False, 64),
+    ('resnet50', (3, 4, 6, 3), True, False, 64),
+    ('cifar_resnet18', (2, 2, 2, 2), False, True, 32),
+])
+def test_converted_embeddings_equal_pytorch(name, stages, bottleneck, cifar, size, tmp_path):
+  torch.manual_seed(0)
+  model = randomize_bn(TorchResNet(stages, bottleneck, cifar), 1)
+  src = str(tmp_path / 'snca.pth.tar')
+  memory = save_original(src, model, n_bank=50)
+  labels = np.arange(50) % 7
+  np.save(tmp_path / 'labels.npy', labels)
+  step, info = convert.convert(src, checkpoint_dir=str(tmp_path / 'w' / 'checkpoints'),
+                               config=imagenet_resnet18.get_config(),
+                               labels=str(tmp_path / 'labels.npy'))
+  assert info['model'] == name and not info['head_initialised']
+  x = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
+  with torch.no_grad():
+    want = model(torch.from_numpy(x)).numpy()
+  got, state, config = flax_embed(tmp_path / 'w', x)
+  assert np.abs(got - want).max() < 1e-4
+  np.testing.assert_array_equal(np.asarray(state['bank'])[:50], memory)   # exact
+  np.testing.assert_array_equal(np.asarray(state['bank_labels'])[:50], labels)
+  assert config['temperature'] == np.float32(0.07) and config['memory_momentum'] == 0.5
+  assert config['model'] == name and step == 3 * (50 // config['batch_size'])
+
+
+def test_torchvision_state_dict_needs_a_head(tmp_path):
+  model = TorchResNet((2, 2, 2, 2), False, False, low_dim=1000)     # an ImageNet classifier
+  src = str(tmp_path / 'resnet18.pth')
+  torch.save(model.state_dict(), src)
+  np.save(tmp_path / 'labels.npy', np.arange(20) % 3)
+  kw = dict(checkpoint_dir=str(tmp_path / 'ck'), config=imagenet_resnet18.get_config(),
+            labels=str(tmp_path / 'labels.npy'))
+  with pytest.raises(CheckpointError, match='--init_head'):
+    convert.convert(src, **kw)
+  _, info = convert.convert(src, init_head=True, **kw)
+  assert info['head_initialised'] and info['bank_rows'] == 20 and info['low_dim'] == 128
+
+
+def test_unpickler_refuses_other_classes(tmp_path):
+  class Evil:
+    def __reduce__(self):
+      return (os.system, ('echo pwned > ' + str(tmp_path / 'pwned'),))
+  src = tmp_path / 'evil.pth'
+  with open(src, 'wb') as f:
+    pickle.dump({'state_dict': Evil()}, f)
+  with pytest.raises(CheckpointError, match='refusing to unpickle'):
+    convert.load_torch_checkpoint(str(src))
+  assert not (tmp_path / 'pwned').exists()
+
+
+def test_converted_checkpoint_evaluates_and_resumes(fake_data_config, tmp_path):
+  torch.manual_seed(1)
+  model = randomize_bn(TorchResNet((2, 2, 2, 2), False, True, in_ch=1), 2)
+  src = str(tmp_path / 'snca_cifar.pth.tar')
+  save_original(src, model, n_bank=96, T=0.05, epoch=1)
+  config = fake_data_config.copy_and_resolve_references()
+  config.batch_size, config.num_epochs, config.knn.batch_size = 16, 2, 16
+  workdir = tmp_path / 'w'
+  step, info = convert.convert(src, checkpoint_dir=checkpoint.checkpoint_dir(str(workdir)),
+                               config=config, labels_dataset='fashion_mnist')
+  assert info['labelled'] and step == 6
+  result = evaluate.evaluate_checkpoint(str(workdir), k=5)
+  assert result['num_queries'] == 40 and 0 <= result['top1'] <= 1
+  config.model = 'cifar_resnet18'
+  state = train.train_and_evaluate(config, str(workdir))
+  assert int(state.step) == 12

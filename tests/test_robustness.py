@@ -1,0 +1,220 @@
+"""Nothing lost: signals, SIGKILL, bad input (one clear line, non-zero exit, files untouched)."""
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from snca_jax import checkpoint
+from snca_jax import mesh as mesh_lib
+from snca_jax import train
+from snca_jax.data import pipeline
+from snca_jax.errors import CheckpointError, DataError, TrainingError
+
+from conftest import make_fake_fashion_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def env(devices=1):
+  e = dict(os.environ, PYTHONPATH=ROOT)
+  e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return e
+
+
+def train_cmd(workdir, data, *extra):
+  return [sys.executable, 'train.py', '--config', 'configs/fashion_mnist.py', '--workdir',
+          str(workdir), f'--config.data.idx_dir={data.idx_dir}',
+          f'--config.data.data_dir={data.data_dir}', '--config.model=tiny_resnet',
+          '--config.low_dim=16', '--config.batch_size=8', '--config.num_epochs=3',
+          '--config.knn.batch_size=16', '--config.log_every_steps=1',
+          '--config.checkpoint_max_to_keep=10', *extra]
+
+
+def run(cmd, devices=1):
+  return subprocess.run(cmd, cwd=ROOT, env=env(devices), capture_output=True, text=True,
+                        timeout=600)
+
+
+def final_state(workdir):
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+  step = mngr.latest_step()
+  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  return step, {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def interrupted_run(workdir, data, sig, lines_before_signal):
+  """Starts training, sends `sig` once metrics.jsonl has that many lines, returns the result."""
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  p = subprocess.Popen(train_cmd(workdir, data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= lines_before_signal:
+        p.send_signal(sig)
+        break
+      time.sleep(0.002)
+    out, err = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  return p.returncode, out, err
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(fake_data_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('straight')
+  r = run(train_cmd(workdir, fake_data_config.data))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return final_state(workdir)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_resume_is_exact(sig, fake_data_config, uninterrupted, tmp_path):
+  lines = random.Random(sig).randint(2, 25)        # 12 steps an epoch, 36 in all
+  code, out, err = interrupted_run(tmp_path, fake_data_config.data, sig, lines)
+  assert code == 0, err[-3000:]
+  assert f'stopped by {sig.name}' in out, out[-2000:]
+  stopped_at = int(out.split(' at step ')[1].split(';')[0])
+  assert stopped_at < 36 and str(stopped_at) in os.listdir(tmp_path / 'checkpoints')
+  r = run(train_cmd(tmp_path, fake_data_config.data))
+  assert r.returncode == 0, r.stderr[-3000:]
+  step, state = final_state(tmp_path)
+  want_step, want = uninterrupted
+  assert step == want_step == 36
+  for k in want:
+    np.testing.assert_array_equal(state[k], want[k], err_msg=k)
+
+
+def test_sigkill_then_resume_is_exact(fake_data_config, uninterrupted, tmp_path):
+  code, _, _ = interrupted_run(tmp_path, fake_data_config.data, signal.SIGKILL,
+                               random.Random(0).randint(14, 30))
+  assert code == -signal.SIGKILL
+  assert os.listdir(tmp_path / 'checkpoints')          # at least the first epoch's
+  r = run(train_cmd(tmp_path, fake_data_config.data))
+  assert r.returncode == 0, r.stderr[-3000:]
+  step, state = final_state(tmp_path)
+  assert step == 36
+  for k in uninterrupted[1]:
+    np.testing.assert_array_equal(state[k], uninterrupted[1][k], err_msg=k)
+
+
+def tree_digest(path):
+  h = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for f in sorted(files):
+      full = os.path.join(root, f)
+      h.update(full.encode())
+      h.update(open(full, 'rb').read())
+  return h.hexdigest()
+
+
+@pytest.fixture(scope='module')
+def trained_workdir(fake_data_config, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('trained')
+  r = run(train_cmd(workdir, fake_data_config.data, '--config.num_epochs=1'))
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir
+
+
+def assert_one_line_error(r, *fragments):
+  assert r.returncode != 0
+  lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+  assert 'Traceback' not in r.stderr, r.stderr[-3000:]
+  for fragment in fragments:
+    assert fragment in lines[-1], lines[-1]
+
+
+@pytest.mark.parametrize('extra,fragments', [
+    (['--config.model=resnet9'], ['unknown model']),
+    (['--config.batch_size=6'], ['batch_size 6', 'divisible by the 4 devices']),
+    (['--config.low_dim=32'], ['low_dim=16', 'low_dim=32']),
+])
+def test_bad_config_or_mismatched_checkpoint(extra, fragments, trained_workdir, fake_data_config):
+  before = tree_digest(trained_workdir)
+  r = run(train_cmd(trained_workdir, fake_data_config.data, '--config.num_epochs=2', *extra),
+          devices=4)
+  assert_one_line_error(r, *fragments)
+  assert tree_digest(trained_workdir) == before
+
+
+def test_misspelt_config_key_and_missing_config_file(trained_workdir, fake_data_config):
+  before = tree_digest(trained_workdir)
+  r = run(train_cmd(trained_workdir, fake_data_config.data, '--config.learning_rat=0.1'))
+  assert r.returncode != 0 and 'learning_rat' in r.stderr and 'Traceback' not in r.stderr
+  r = run([sys.executable, 'train.py', '--config', 'configs/nope.py', '--workdir',
+           str(trained_workdir)])
+  assert r.returncode != 0 and 'nope.py' in r.stderr and 'Traceback' not in r.stderr
+  assert tree_digest(trained_workdir) == before
+
+
+def test_missing_dataset(tmp_path, fake_data_config):
+  r = run(train_cmd(tmp_path / 'w', fake_data_config.data,
+                    f'--config.data.idx_dir={tmp_path / "none"}',
+                    f'--config.data.data_dir={tmp_path / "tfds"}', '--config.data.download=false'))
+  assert_one_line_error(r, 'Fashion-MNIST not found', 'dataset-fashion-mnist')
+
+
+def test_unwritable_workdir(tmp_path, fake_data_config):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  r = run(train_cmd(blocker / 'w', fake_data_config.data))
+  assert_one_line_error(r, 'not writable', '--workdir')
+
+
+def test_corrupted_checkpoint(trained_workdir, fake_data_config, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained_workdir, workdir)
+  step_dir = workdir / 'checkpoints' / os.listdir(workdir / 'checkpoints')[0]
+  for root, _, files in os.walk(step_dir / 'state'):
+    for f in files:
+      path = os.path.join(root, f)
+      if os.path.getsize(path) > 64:
+        with open(path, 'r+b') as fh:       # truncate every data file
+          fh.truncate(os.path.getsize(path) // 3)
+  before = tree_digest(workdir)
+  r = run(train_cmd(workdir, fake_data_config.data, '--config.num_epochs=2'))
+  assert_one_line_error(r, 'cannot be read', str(step_dir))
+  assert tree_digest(workdir) == before
+  r = run([sys.executable, 'eval_knn.py', '--workdir', str(workdir)])
+  assert_one_line_error(r, 'cannot be read')
+
+
+def test_labels_outside_num_classes(tmp_path, fake_data_config):
+  config = fake_data_config.copy_and_resolve_references()
+  config.data.num_classes = 5            # the fake data has labels 0..9
+  config.model, config.batch_size = 'tiny_resnet', 16
+  with pytest.raises(DataError, match=r'label [5-9] outside \[0, 5\)'):
+    train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints' / '6')
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained_workdir,
+                                                                 fake_data_config, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(trained_workdir, workdir)
+  before = tree_digest(workdir / 'checkpoints')
+  config = fake_data_config.copy_and_resolve_references()
+  config.model, config.low_dim, config.batch_size, config.num_epochs = 'tiny_resnet', 16, 8, 2
+  config.knn.batch_size, config.log_every_steps = 16, 1
+  config.checkpoint_max_to_keep = 10
+  config.learning_rate = float('inf')
+  with pytest.raises(TrainingError, match=r'at step 1[2-9]'):
+    train.train_and_evaluate(config, str(workdir))
+  assert tree_digest(workdir / 'checkpoints') == before
+
+
+def test_eval_of_an_empty_workdir(tmp_path):
+  r = run([sys.executable, 'eval_knn.py', '--workdir', str(tmp_path)])
+  assert_one_line_error(r, 'eval_knn.py: ', 'holds no checkpoint')
