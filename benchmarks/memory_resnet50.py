@@ -68,7 +68,8 @@ def main():
   images = args.per_device_batch * 224 * 224 * 3 * 4
   print(f'ResNet-50, N={n:,}, {args.devices} devices, global batch {config.batch_size} '
         f'({args.per_device_batch} per device), {args.dtype} compute; per device:')
-  print(f'  bank + labels (1/{args.devices} of {n * 132 * 4 / MB:.0f} MB) {bank / MB:10.1f} MB')
+  label = f'  bank + labels (1/{args.devices} of {n * 132 * 4 / MB:.0f} MB)'
+  print(f'{label:41s}{bank / MB:10.1f} MB')
   print(f'  parameters                             {params / MB:10.1f} MB')
   print(f'  batch statistics + optimizer state     {rest / MB:10.1f} MB')
   print(f'  input images                           {images / MB:10.1f} MB')

@@ -3,17 +3,20 @@
     python benchmarks/nca_step.py                  # N = 1,281,167, B = 256, D = 128
     python benchmarks/nca_step.py --n 100000       # quicker
 
-  ours   snca_jax.nca.streaming_nca_loss + update_bank_sharded (one device here), jitted, bank
-         donated so that the update is in place
+  ours   snca_jax.nca.nca_step (loss, gradient and bank update in one pass; one device here),
+         jitted, bank donated so that the update is in place
+  ours_bf16  the same with matmul_dtype=bfloat16 (bfloat16 products, float32 accumulation)
   dense  snca_jax.nca.nca_loss (the dense reference) + update_bank, jitted, bank donated
   torch  the original's operation in PyTorch: LinearAverage (x @ memory.T / T; backward
          grad @ memory / T, then the in-place momentum update of the memory) + NCACrossEntropy
   floor  the two matrix products alone: (B, D) x (D, N), then (B, N) x (N, D)
 
 Each variant runs in its own process, so that its peak resident memory (VmHWM) is its own; the
-table gives the median step time and the peak memory above the process's footprint before the
-bank was made, next to the bank's own size. Needs `pip install -r benchmarks/requirements.txt`
-for the torch variant.
+table gives the median step time (after one warm-up step) and the peak memory of the step:
+the bank plus the most the steps add to the resident size (VmHWM, reset once the bank and the
+inputs exist; JAX variants are compiled before that, so the compiler's memory is not counted),
+next to the bank's own size. Labels (5 MB) and inputs are not counted. The torch
+variant needs `pip install -r benchmarks/requirements.txt`.
 """
 
 import argparse
@@ -26,7 +29,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ('ours', 'dense', 'torch', 'floor')
+VARIANTS = ('ours', 'ours_bf16', 'dense', 'torch', 'floor')
 
 
 def rss_mb(field='VmRSS'):
@@ -46,40 +49,58 @@ def make_inputs(n, b, d, seed=0):
   return f, idx, labels
 
 
+def initial_bank(n, d):
+  """The bank's initialisation (SPEC.md), made in numpy so that no compilation is needed."""
+  stdv = 1.0 / (d / 3) ** 0.5
+  return np.random.default_rng(1).uniform(-stdv, stdv, size=(n, d)).astype(np.float32)
+
+
+def reset_peak():
+  """Makes VmHWM start again from the current resident size (Linux clear_refs 5)."""
+  with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+
+
 def jax_variant(name, args):
   import jax
   import jax.numpy as jnp
   sys.path.insert(0, ROOT)
   from snca_jax import mesh as mesh_lib
   from snca_jax import nca
-  jax.devices()
-  base = rss_mb()
   f, idx, labels = make_inputs(args.n, args.b, args.d)
   mesh = mesh_lib.make_mesh()
-  bank = jax.device_put(nca.init_bank(jax.random.key(0), args.n, args.d), mesh_lib.rows(mesh))
   labels = jax.device_put(labels, mesh_lib.rows(mesh))
   f, idx = jnp.asarray(f), jnp.asarray(idx)
   T = 0.05
 
   if name == 'floor':
-    step = jax.jit(lambda bank, f: (bank, (f @ bank.T) @ bank), donate_argnums=0)
-  elif name == 'ours':
     def step(bank, f):
-      loss, grad = jax.value_and_grad(lambda x: nca.streaming_nca_loss(
-          x, idx, bank, labels, temperature=T, mesh=mesh, chunk_size=args.chunk))(f)
-      return nca.update_bank_sharded(bank, idx, f, 0.5, mesh=mesh), (loss, grad)
-    step = jax.jit(step, donate_argnums=0)
+      return bank, (f @ bank.T) @ bank
+  elif name in ('ours', 'ours_bf16'):
+    dtype = jnp.bfloat16 if name == 'ours_bf16' else jnp.float32
+
+    def step(bank, f):
+      (loss, bank), grad = jax.value_and_grad(lambda x: nca.nca_step(
+          x, idx, bank, labels, 0.5, temperature=T, mesh=mesh, chunk_size=args.chunk or None,
+          matmul_dtype=dtype), has_aux=True)(f)
+      return bank, (loss, grad)
   else:
     def step(bank, f):
       loss, grad = jax.value_and_grad(
           lambda x: nca.nca_loss(x, idx, bank, labels, temperature=T))(f)
       return nca.update_bank(bank, idx, f, 0.5), (loss, grad)
-    step = jax.jit(step, donate_argnums=0)
-
+  # Compile first, so that the compiler's own memory is not counted as the step's.
+  abstract_bank = jax.ShapeDtypeStruct((args.n, args.d), jnp.float32,
+                                       sharding=mesh_lib.rows(mesh))
+  compiled = jax.jit(step, donate_argnums=0).lower(abstract_bank, f).compile()
+  bank = jax.device_put(initial_bank(args.n, args.d), mesh_lib.rows(mesh))
+  jax.block_until_ready(bank)
+  reset_peak()
+  base = rss_mb() - args.n * args.d * 4 / 2**20      # the footprint without the bank
   times = []
   for i in range(args.repeats + 1):
     t = time.perf_counter()
-    bank, out = step(bank, f)
+    bank, out = compiled(bank, f)     # the bank is donated: updated in place
     jax.block_until_ready((bank, out))
     times.append(time.perf_counter() - t)
   return times[1:], base
@@ -88,12 +109,13 @@ def jax_variant(name, args):
 def torch_variant(args):
   import torch
   torch.set_num_threads(os.cpu_count())
-  base = rss_mb()
   f, idx, labels = make_inputs(args.n, args.b, args.d)
   stdv = 1.0 / (args.d / 3) ** 0.5
   memory = torch.rand(args.n, args.d).mul_(2 * stdv).add_(-stdv)
   labels = torch.from_numpy(labels).long()
   idx = torch.from_numpy(idx).long()
+  reset_peak()
+  base = rss_mb() - args.n * args.d * 4 / 2**20      # the footprint without the bank
   T, momentum = 0.05, 0.5
 
   class LinearAverageOp(torch.autograd.Function):
@@ -148,7 +170,7 @@ def main():
   p.add_argument('--n', type=int, default=1_281_167)
   p.add_argument('--b', type=int, default=256)
   p.add_argument('--d', type=int, default=128)
-  p.add_argument('--chunk', type=int, default=4096)
+  p.add_argument('--chunk', type=int, default=0, help='0: nca.default_chunk_size(B)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--run', choices=VARIANTS, help=argparse.SUPPRESS)
@@ -172,10 +194,10 @@ def main():
   for v, r in results.items():
     ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
     print(f"{v:8s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
-  if 'ours' in results and 'torch' in results:
-    print(f"ours is {results['torch']['ms'] / results['ours']['ms']:.1f}x faster than torch, "
-          f"{results['dense']['ms'] / results['ours']['ms']:.1f}x faster than dense"
-          if 'dense' in results else '')
+  for v in ('ours', 'ours_bf16'):
+    if v in results:
+      print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.1f}x faster than {o}"
+                                 for o in ('torch', 'dense') if o in results))
 
 
 if __name__ == '__main__':

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import fashion_mnist  # noqa: E402
 from snca_jax import mesh as mesh_lib  # noqa: E402
 from snca_jax import models  # noqa: E402
+from snca_jax import nca  # noqa: E402
 from snca_jax import optim  # noqa: E402
 from snca_jax import state as state_lib  # noqa: E402
 from snca_jax import train  # noqa: E402
@@ -78,7 +79,7 @@ def main():
   config.model, config.low_dim, config.batch_size = 'tiny_resnet', 128, 256
   config.data.num_classes = 1000
   print(f'{len(jax.devices())} devices, batch {config.batch_size}, D {config.low_dim}, '
-        f'NCA chunk {config.nca_chunk_size}')
+        f'NCA chunk {config.nca_chunk_size or nca.default_chunk_size(config.batch_size)}')
   print(f"{'N':>10s}{'bank MB/dev max':>17s}{'min':>8s}{'step comm. KB':>15s}"
         f"{'step temp MB/dev':>18s}")
   for n in (50_000, 1_281_167):

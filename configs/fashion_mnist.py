@@ -47,7 +47,7 @@ def get_config():
   c.margin = 0.0
   c.memory_momentum = 0.5
   c.memory_momentum_steps = ()   # ((epoch, value), ...)
-  c.nca_chunk_size = 4096       # bank rows per step of the streaming NCA kernel
+  c.nca_chunk_size = 0          # bank rows per step of the NCA kernel; 0 = by batch size
   c.nca_matmul_dtype = 'float32'  # or 'bfloat16' (float32 accumulation)
 
   c.knn = ml_collections.ConfigDict()

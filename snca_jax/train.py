@@ -43,22 +43,24 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
 
   def train_step(state: state_lib.TrainState, batch):
+    momentum = memory_momentum(state.step)
+
     def loss_fn(params):
       features, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
           mutable=['batch_stats'])
-      loss = nca.streaming_nca_loss(
-          features, batch['index'], state.bank, state.bank_labels,
+      # The loss against the bank before this step, and the bank after it, in one pass.
+      loss, bank = nca.nca_step(
+          features, batch['index'], state.bank, state.bank_labels, momentum,
           temperature=config.temperature, margin=config.margin, mesh=mesh,
-          chunk_size=config.nca_chunk_size, matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
-      return loss, (features, updates['batch_stats'])
+          chunk_size=config.nca_chunk_size or None,
+          matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
+      return loss, (bank, updates['batch_stats'])
 
-    (loss, (features, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    momentum = memory_momentum(state.step)
-    bank = nca.update_bank_sharded(state.bank, batch['index'], features, momentum, mesh=mesh)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, bank=bank)
     return new_state, {'loss': loss, 'memory_momentum': momentum}

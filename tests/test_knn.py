@@ -62,8 +62,9 @@ def test_top_k_accuracy():
 def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   q, bank, labels, _ = problem(2, N=208)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
-  sims, idx, lab = knn.top_k_neighbors(jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.rows(mesh)),
-                                       jax.device_put(labels, mesh_lib.rows(mesh)), k=10, mesh=mesh)
+  sims, idx, lab = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.rows(mesh)),
+      jax.device_put(labels, mesh_lib.rows(mesh)), k=10, mesh=mesh)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :10]
   assert np.array_equal(np.asarray(idx), want)
   assert np.array_equal(np.asarray(lab), labels[want])

@@ -224,14 +224,43 @@ def test_streaming_bfloat16_matmuls_are_close():
 
 
 @pytest.mark.parametrize('num_devices', [1, 2, 8])
-def test_sharded_bank_update_matches_dense(num_devices):
+@pytest.mark.parametrize('chunk_size', [7, 4096])
+def test_nca_step_matches_dense_loss_gradient_and_update(num_devices, chunk_size):
+  """Loss and gradient against the bank BEFORE the update, and the updated bank, in one pass."""
   f, idx, bank, labels = make_problem(13, N=203, unit_bank=False)
-  mesh, sb, _ = _sharded(bank, labels, num_devices)
-  new = nca.update_bank_sharded(sb, idx, f, 0.8, mesh=mesh)
-  assert new.sharding == sb.sharding
+  labels[idx[0]] = 7                                                 # a singleton class
+  mesh, sb, sl = _sharded(bank, labels, num_devices)
+
+  def fn(x):
+    return nca.nca_step(x, idx, sb, sl, 0.8, temperature=0.05, margin=0.1, mesh=mesh,
+                        chunk_size=chunk_size)
+
+  (loss, new), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(f)
+  want_loss, want_grad = loss_and_grad(f, idx, bank, labels, temperature=0.05, margin=0.1)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5,
+                             atol=1e-5 * np.abs(want_grad).max())
+  assert new.sharding.is_equivalent_to(sb.sharding, 2)
   want = np.asarray(nca.update_bank(jnp.asarray(bank), idx, f, 0.8))
   np.testing.assert_allclose(np.asarray(new)[:203], want, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(np.asarray(new)[203:], np.asarray(sb)[203:])   # padding kept
+
+
+def test_nca_step_updates_the_donated_bank_in_place():
+  """No copy of the bank in the compiled step: the update is in place (the bank is donated)."""
+  f, idx, bank, labels = make_problem(15, N=40000)
+  mesh, sb, sl = _sharded(bank, labels, 8)
+
+  def step(b, x):
+    (loss, b), grad = jax.value_and_grad(lambda y: nca.nca_step(
+        y, idx, b, sl, 0.5, temperature=0.05, mesh=mesh, chunk_size=64), has_aux=True)(x)
+    return b, loss, grad
+
+  compiled = jax.jit(step, donate_argnums=0).lower(sb, f).compile()
+  copies = [l for l in compiled.as_text().splitlines()
+            if ' copy(' in l and 'f32[5000,32]' in l.split('copy(')[0]]
+  assert not copies, copies
+  assert compiled.memory_analysis().temp_size_in_bytes < bank.nbytes / 8 / 4   # << a shard
 
 
 @pytest.mark.parametrize('streaming', [False, True])

@@ -5,10 +5,10 @@ split's data source, which is stable for a prepared dataset. The memory bank is 
 
 A training epoch is a grain `MapDataset`: a seeded permutation of the record positions, cut
 into global batches, of which each process keeps its own contiguous share; that share is read
-with one batched `__getitems__` call and augmented example by with one generator per example, seeded by (epoch seed, example index). Batch `k` of
-epoch `e` is therefore a pure function of (seed, e, k), and each process's share of it does not
-depend on the number of processes: resuming at any batch gives exactly the batches an
-uninterrupted run would have seen.
+with one batched `__getitems__` call and augmented with one generator per example, seeded by
+(epoch seed, example index). Batch `k` of epoch `e` is therefore a pure function of
+(seed, e, k), and each process's share of it does not depend on the number of processes:
+resuming at any batch gives exactly the batches an uninterrupted run would have seen.
 """
 
 import dataclasses
