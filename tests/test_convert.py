@@ -109,7 +109,7 @@ def original_memory_class():
   return LinearAverage
 
 
-def save_original(path, model, n_bank, T=0.07, momentum=0.5, epoch=3):
+def save_original(path, model, n_bank, T=0.07, momentum=0.5, epoch=3, legacy=False):
   lib, mod = types.ModuleType('lib'), types.ModuleType('lib.LinearAverage')
   cls = original_memory_class()
   mod.LinearAverage, lib.LinearAverage = cls, mod
@@ -119,7 +119,7 @@ def save_original(path, model, n_bank, T=0.07, momentum=0.5, epoch=3):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     torch.save({'epoch': epoch, 'arch': 'x', 'best_prec1': 50.0, 'optimizer': opt.state_dict(),
                 'state_dict': {'module.' + k: v for k, v in model.state_dict().items()},
-                'lemniscate': memory}, path)
+                'lemniscate': memory}, path, _use_new_zipfile_serialization=not legacy)
   finally:
     del sys.modules['lib'], sys.modules['lib.LinearAverage']
   return memory.memory.numpy().copy()
@@ -137,16 +137,17 @@ def flax_embed(workdir, x_nchw):
   return np.asarray(out), state, config
 
 
-@pytest.mark.parametrize('name,stages,bottleneck,cifar,size', [
-    ('resnet18', (2, 2, 2, 2), False, False, 64),
-    ('resnet50', (3, 4, 6, 3), True, False, 64),
-    ('cifar_resnet18', (2, 2, 2, 2), False, True, 32),
+@pytest.mark.parametrize('name,stages,bottleneck,cifar,size,legacy', [
+    ('resnet18', (2, 2, 2, 2), False, False, 64, True),    # the pre-1.6 format, as 0.4 wrote
+    ('resnet50', (3, 4, 6, 3), True, False, 64, False),
+    ('cifar_resnet18', (2, 2, 2, 2), False, True, 32, False),
 ])
-def test_converted_embeddings_equal_pytorch(name, stages, bottleneck, cifar, size, tmp_path):
+def test_converted_embeddings_equal_pytorch(name, stages, bottleneck, cifar, size, legacy,
+                                            tmp_path):
   torch.manual_seed(0)
   model = randomize_bn(TorchResNet(stages, bottleneck, cifar), 1)
   src = str(tmp_path / 'snca.pth.tar')
-  memory = save_original(src, model, n_bank=50)
+  memory = save_original(src, model, n_bank=50, legacy=legacy)
   labels = np.arange(50) % 7
   np.save(tmp_path / 'labels.npy', labels)
   step, info = convert.convert(src, checkpoint_dir=str(tmp_path / 'w' / 'checkpoints'),

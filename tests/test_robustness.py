@@ -138,6 +138,7 @@ def assert_one_line_error(r, *fragments):
 
 @pytest.mark.parametrize('extra,fragments', [
     (['--config.model=resnet9'], ['unknown model']),
+    (['--config.model=small_resnet'], ["model='tiny_resnet'", "model='small_resnet'"]),
     (['--config.batch_size=6'], ['batch_size 6', 'divisible by the 4 devices']),
     (['--config.low_dim=32'], ['low_dim=16', 'low_dim=32']),
 ])
@@ -146,6 +147,16 @@ def test_bad_config_or_mismatched_checkpoint(extra, fragments, trained_workdir, 
   r = run(train_cmd(trained_workdir, fake_data_config.data, '--config.num_epochs=2', *extra),
           devices=4)
   assert_one_line_error(r, *fragments)
+  assert tree_digest(trained_workdir) == before
+
+
+def test_checkpoint_of_another_dataset_size(trained_workdir, fake_data_config, tmp_path):
+  other = make_fake_fashion_mnist(str(tmp_path / 'idx'), n_train=80, n_test=16)
+  before = tree_digest(trained_workdir)
+  r = run(train_cmd(trained_workdir, fake_data_config.data, '--config.num_epochs=2',
+                    f'--config.data.idx_dir={other}',
+                    f'--config.data.data_dir={tmp_path / "tfds"}'))
+  assert_one_line_error(r, 'bank of 96 rows', '80 examples')
   assert tree_digest(trained_workdir) == before
 
 
