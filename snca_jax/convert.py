@@ -295,7 +295,6 @@ def convert(src: str, *, checkpoint_dir: str, config, labels=None, labels_datase
 
 def main(argv):
   from absl import flags
-  from ml_collections import config_flags
 
   from snca_jax import checkpoint
   from snca_jax import cli

@@ -13,14 +13,13 @@ torch = pytest.importorskip('torch')
 nn = torch.nn
 F = torch.nn.functional
 
-from configs import fashion_mnist, imagenet_resnet18  # noqa: E402
+from configs import imagenet_resnet18  # noqa: E402
 from snca_jax import checkpoint  # noqa: E402
 from snca_jax import convert  # noqa: E402
 from snca_jax import evaluate  # noqa: E402
 from snca_jax import mesh as mesh_lib  # noqa: E402
 from snca_jax import models  # noqa: E402
 from snca_jax import train  # noqa: E402
-from snca_jax.data import pipeline  # noqa: E402
 from snca_jax.errors import CheckpointError  # noqa: E402
 
 

@@ -16,8 +16,7 @@ import pytest
 from snca_jax import checkpoint
 from snca_jax import mesh as mesh_lib
 from snca_jax import train
-from snca_jax.data import pipeline
-from snca_jax.errors import CheckpointError, DataError, TrainingError
+from snca_jax.errors import DataError, TrainingError
 
 from conftest import make_fake_fashion_mnist
 

@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from snca_jax import evaluate
 from snca_jax import mesh as mesh_lib
