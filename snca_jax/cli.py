@@ -44,7 +44,8 @@ def config(program: str):
   file ends the program in one line."""
   try:
     config = FLAGS.config
-    config.to_dict()        # a config that failed to load raises on first use
+    if config is not None:
+      config.to_dict()      # a config that failed to load raises on first use
     return config
   except Exception as e:  # noqa: BLE001
     _bad_flags(program, e)

@@ -212,9 +212,11 @@ def _labels(flags_labels, labels_dataset, config):
   return None
 
 
-def convert(src: str, *, checkpoint_dir: str, config, labels=None, labels_dataset=None,
+def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_dataset=None,
             init_head=False, seed=0):
-  """Converts `src`; returns (step written, summary dict)."""
+  """Converts `src`; returns (step written, summary dict). `config` is the run's config
+  (default: configs/imagenet_resnet18.py or cifar10_resnet18.py by the layout); its model,
+  low_dim, temperature and memory momentum are set from the checkpoint."""
   import jax
   from snca_jax import checkpoint
   from snca_jax import mesh as mesh_lib
@@ -228,6 +230,9 @@ def convert(src: str, *, checkpoint_dir: str, config, labels=None, labels_datase
                 for k, v in state_dict.items()}
   arch, layout = infer_architecture(state_dict)
   params, stats, head = torch_to_flax(state_dict)
+  if config is None:        # the original's recipe for that layout
+    from configs import cifar10_resnet18, imagenet_resnet18
+    config = (cifar10_resnet18 if layout == 'cifar' else imagenet_resnet18).get_config()
   config = config.copy_and_resolve_references()
   config.model = arch
   bank = None
@@ -300,18 +305,12 @@ def main(argv):
   from snca_jax import cli
 
   flags_ = flags.FLAGS
-  if len(argv) != 2:
-    raise ConfigError('usage: python -m snca_jax.convert SRC.pth[.tar] --workdir DIR')
-  src = argv[1]
 
   def run():
+    if len(argv) != 2:
+      raise ConfigError('usage: python -m snca_jax.convert SRC.pth[.tar] --workdir DIR')
+    src = argv[1]
     config = cli.config('convert')
-    if config is None:
-      obj_sd = split_checkpoint(load_torch_checkpoint(src))[0]
-      arch, layout = infer_architecture({k.replace('module.', '', 1): v
-                                         for k, v in obj_sd.items()})
-      from configs import cifar10_resnet18, imagenet_resnet18
-      config = (cifar10_resnet18 if layout == 'cifar' else imagenet_resnet18).get_config()
     if not (flags_.workdir or flags_.checkpoint):
       raise ConfigError('give --workdir DIR (or --checkpoint PATH) to write the checkpoint to')
     target = flags_.checkpoint or checkpoint.checkpoint_dir(flags_.workdir)
@@ -344,7 +343,7 @@ def _define_flags():
 
 if __name__ == '__main__':
   from absl import app
-  sys.path.insert(0, os.getcwd())
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
   _define_flags()
   from snca_jax import cli
   app.run(main, flags_parser=cli.flags_parser('convert'))

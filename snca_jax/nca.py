@@ -180,8 +180,8 @@ def _device_pass(features, indices, bank, bank_labels, momentum, *, temperature,
     labels_c = jax.lax.dynamic_slice(scan_labels, (start,), (chunk,))
     s = jnp.einsum('bd,cd->bc', queries, rows_c, preferred_element_type=jnp.float32)
     present = ((labels_c >= 0) & (local_rows >= c * chunk))[None, :]
-    # Each example's own row. (With `update` it is skipped already, but keeping the (B, C)
-    # test there too keeps XLA's CPU fusion fast: without it the step took twice as long.)
+    # Each example's own row. (With `update` it is skipped already; the (B, C) test is kept
+    # there too because XLA's CPU fusion of the chunk was much slower without it.)
     present &= (offset + local_rows)[None, :] != indices[:, None]
     same = labels_c[None, :] == labels[:, None]
     carry = _online_update(carry, s, present & same, present & ~same, rows_c, matmul_dtype)
@@ -255,7 +255,7 @@ _streaming.defvjp(_streaming_fwd, _streaming_bwd)
 
 def default_chunk_size(batch: int) -> int:
   """Bank rows per chunk: a (B, chunk) float32 score block of about 2 MB, which stays in cache
-  (on 2 CPU cores, B = 256: 2048 rows took 130 ms against 160 ms for 4096 and 179 for 1024)."""
+  (compare others with `benchmarks/nca_step.py --chunk`)."""
   return int(min(8192, max(256, 2 ** 19 // max(batch, 1))))
 
 

@@ -205,3 +205,23 @@ def test_converted_checkpoint_evaluates_and_resumes(fake_data_config, tmp_path):
   config.model = 'cifar_resnet18'
   state = train.train_and_evaluate(config, str(workdir))
   assert int(state.step) == 12
+
+
+def test_command_line(tmp_path):
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  torch.save(TorchResNet((2, 2, 2, 2), False, True).state_dict(), tmp_path / 'r18.pth')
+  np.save(tmp_path / 'labels.npy', np.arange(30) % 3)
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop('XLA_FLAGS', None)
+  run = lambda *a: subprocess.run([sys.executable, '-m', 'snca_jax.convert', *a], cwd=tmp_path,
+                                  env=env, capture_output=True, text=True, timeout=300)
+  r = run(str(tmp_path / 'r18.pth'), '--workdir', str(tmp_path / 'w'),
+          '--labels', str(tmp_path / 'labels.npy'))
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'cifar_resnet18 (cifar layout), 128-d, bank of 30 rows (labelled)' in r.stdout
+  assert os.listdir(tmp_path / 'w' / 'checkpoints') == ['0']
+  r = run(str(tmp_path / 'missing.pth'), '--workdir', str(tmp_path / 'w2'))
+  assert r.returncode == 1 and 'Traceback' not in r.stderr
+  assert r.stderr.strip().splitlines()[-1].startswith('convert: ')
+  assert not (tmp_path / 'w2').exists()
