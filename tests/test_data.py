@@ -131,3 +131,13 @@ def test_color_jitter_hsv_round_trip():
   rng = np.random.default_rng(0)
   rgb = rng.random((4, 5, 5, 3)).astype(np.float32)
   np.testing.assert_allclose(augment._hsv_to_rgb(augment._rgb_to_hsv(rgb)), rgb, atol=1e-5)
+
+
+def test_worker_processes_give_the_same_batches(fake_data_config):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()            # grain's worker processes read absl flags
+  source = pipeline.open_source(fake_data_config.data, 'train')
+  with_workers = _epoch(source, worker_count=2)
+  for x, y in zip(with_workers, _epoch(source)):
+    assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])
+  assert len(with_workers) == 6
