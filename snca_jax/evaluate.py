@@ -43,8 +43,7 @@ def embed_dataset(variables, model, source, *, transform, mesh, batch_size: int)
     images = jax.make_array_from_process_local_data(rows, batch['image'])
     out['features'].append(distributed.to_host(fn(variables, images)))
     for key in ('label', 'index', 'mask'):   # every process's share, for every process
-      out[key].append(distributed.to_host(
-          jax.make_array_from_process_local_data(rows, batch[key])))
+      out[key].append(distributed.gather_host(batch[key]))
   out = {k: np.concatenate(v) for k, v in out.items()}
   mask = out['mask']
   return out['features'][mask], out['label'][mask], out['index'][mask]

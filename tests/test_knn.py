@@ -69,3 +69,32 @@ def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   assert np.array_equal(np.asarray(idx), want)
   assert np.array_equal(np.asarray(lab), labels[want])
   np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(q @ bank.T, want, 1), rtol=1e-5)
+
+
+def test_block_top_k_is_exact():
+  rng = np.random.default_rng(3)
+  sims = rng.normal(size=(50, 512)).astype(np.float32)
+  sims[:, 100:140] = 3.0 + rng.normal(size=(50, 40)) * 1e-3    # the best all in 2 blocks
+  sims[7] = np.round(sims[7])                                    # many ties
+  for k in (1, 5, 16):
+    vals, idx = knn._block_top_k(jax.numpy.asarray(sims), k)
+    want_vals, _ = jax.lax.top_k(sims, k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(want_vals))
+    np.testing.assert_array_equal(np.take_along_axis(sims, np.asarray(idx), 1),
+                                  np.asarray(vals))
+
+
+@pytest.mark.parametrize('num_devices', [1, 8])
+def test_chunked_search_with_block_top_k_equals_dense(num_devices):
+  """Chunks of 128 rows (4 blocks of 32 >= k = 3): the block top-k path, overlapping last
+  chunks and padding rows all taken."""
+  q, bank, labels, _ = problem(4, Q=9, N=2003)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank)
+  bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
+  _, idx, _ = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.rows(mesh)),
+      jax.device_put(labels_p, mesh_lib.rows(mesh)), k=3, mesh=mesh, chunk_size=128)
+  want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :3]
+  assert np.array_equal(np.asarray(idx), want)
