@@ -15,21 +15,25 @@ def get_config():
   c.dtype = 'float32'
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'fashion_mnist'
+  c.data.name = 'fashion_mnist'  # or 'folder', or a TFDS dataset name ('cifar10', ...)
   c.data.data_dir = ''          # TFDS data dir; '' = ~/tensorflow_datasets
+  c.data.root = ''              # folder: DIR holding DIR/<split>/<class>/<image>
+  c.data.prepared_dir = ''      # folder: where it is prepared; '' = <root>/snca_prepared
+  c.data.skip_bad_images = False  # folder: leave out undecodable images instead of stopping
   c.data.idx_dir = ''           # IDX files; '' = /usr/share/datasets/fashion-mnist
   c.data.download = True        # fetch the IDX files where idx_dir has none
   c.data.train_split = 'train'
   c.data.eval_split = 'test'
-  c.data.num_classes = 10
+  c.data.num_classes = 10       # 0 = as many as the dataset declares (folders, TFDS labels)
   c.data.image_size = 28
   c.data.channels = 1
   c.data.mean = (0.2860,)
   c.data.std = (0.3530,)
-  c.data.train_augment = 'crop_flip'
+  c.data.train_augment = 'crop_flip'  # see snca_jax.data.pipeline.Transform
   c.data.eval_augment = 'none'
-  c.data.num_threads = 1
-  c.data.worker_count = 0
+  c.data.reduced_decode = True  # let libjpeg decode large JPEGs at 1/2-1/8 scale when cropping
+  c.data.num_threads = 1        # threads reading and transforming batches (training and eval)
+  c.data.worker_count = 0       # grain worker processes (training and eval)
 
   c.seed = 0
   c.num_epochs = 5

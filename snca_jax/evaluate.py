@@ -18,28 +18,31 @@ from snca_jax.errors import CheckpointError
 
 def transform(config, kind: str) -> pipeline.Transform:
   d = config.data
-  return pipeline.Transform(kind, tuple(d.mean), tuple(d.std), d.image_size)
+  return pipeline.Transform(kind, d.image_size, d.channels, d.get('reduced_decode', True))
 
 
 @functools.lru_cache(maxsize=None)
-def _embed_fn(model, mesh):
+def _embed_fn(model, mesh, mean, std):
   def embed(variables, images):
-    return model.apply(variables, images, train=False)
+    return model.apply(variables, pipeline.normalize(images, mean, std), train=False)
   return jax.jit(embed, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.rows(mesh)),
                  out_shardings=mesh_lib.rows(mesh))
 
 
-def embed_dataset(variables, model, source, *, transform, mesh, batch_size: int):
+def embed_dataset(variables, model, source, *, data_config, transform, mesh, batch_size: int):
   """(features (M, D), labels (M,), positions (M,)) of every record of `source`, in order,
   embedded by the evaluation-mode network with `variables` ({'params', 'batch_stats'}).
-  `batch_size` is global."""
-  fn = _embed_fn(model, mesh)
+  `batch_size` is global; images are read and transformed by the training pipeline's threads
+  and worker processes (`data_config.num_threads`, `worker_count`)."""
+  fn = _embed_fn(model, mesh, tuple(data_config.mean), tuple(data_config.std))
   rows = mesh_lib.rows(mesh)
   batch_size = mesh_lib.padded_rows(batch_size, mesh)      # a multiple of the device count
   out = {'features': [], 'label': [], 'index': [], 'mask': []}
   for batch in pipeline.eval_batches(source, global_batch_size=batch_size, transform=transform,
                                      process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+                                     process_count=jax.process_count(),
+                                     num_threads=data_config.num_threads,
+                                     worker_count=data_config.worker_count):
     images = jax.make_array_from_process_local_data(rows, batch['image'])
     out['features'].append(distributed.to_host(fn(variables, images)))
     for key in ('label', 'index', 'mask'):   # every process's share, for every process
@@ -93,11 +96,12 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   eval_transform = transform(config, config.data.eval_augment)
   queries, labels, _ = embed_dataset(params, model,
                                      pipeline.open_source(config.data, config.data.eval_split),
-                                     transform=eval_transform, mesh=mesh, batch_size=batch_size)
+                                     data_config=config.data, transform=eval_transform,
+                                     mesh=mesh, batch_size=batch_size)
   if recompute:
     bank, bank_labels, _ = embed_dataset(
         params, model, pipeline.open_source(config.data, config.data.train_split),
-        transform=eval_transform, mesh=mesh, batch_size=batch_size)
+        data_config=config.data, transform=eval_transform, mesh=mesh, batch_size=batch_size)
   else:
     bank, bank_labels = state['bank'], state['bank_labels']
   acc = knn_accuracy(queries, labels, bank, bank_labels, k=k, sigma=sigma,

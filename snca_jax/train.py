@@ -41,13 +41,15 @@ log = logging.getLogger('snca_jax')
 def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
   """The jitted step, with the state donated and every sharding stated."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
 
   def train_step(state: state_lib.TrainState, batch):
     momentum = memory_momentum(state.step)
+    images = pipeline.normalize(batch['image'], mean, std)     # uint8 -> float, on the device
 
     def loss_fn(params):
       features, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
           mutable=['batch_stats'])
       # The loss against the bank before this step, and the bank after it, in one pass.
       loss, bank = nca.nca_step(
@@ -81,8 +83,9 @@ def nn_monitor(state, model, eval_source, config, mesh):
   """1-NN top-1 of the validation set against the bank (the original's training monitor)."""
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   feats, labels, _ = evaluate.embed_dataset(
-      variables, model, eval_source, transform=evaluate.transform(config, config.data.eval_augment),
-      mesh=mesh, batch_size=config.knn.batch_size)
+      variables, model, eval_source, data_config=config.data,
+      transform=evaluate.transform(config, config.data.eval_augment), mesh=mesh,
+      batch_size=config.knn.batch_size)
   acc = evaluate.knn_accuracy(feats, labels, state.bank, state.bank_labels, k=1,
                               sigma=config.temperature, num_classes=config.data.num_classes,
                               mesh=mesh, ks=(1,), batch_size=config.knn.batch_size)
@@ -204,6 +207,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   pid, pcount = jax.process_index(), jax.process_count()
   train_source = pipeline.open_source(config.data, config.data.train_split)
   eval_source = pipeline.open_source(config.data, config.data.eval_split)
+  if not config.data.num_classes:          # 0: as many as the dataset declares
+    config.data.num_classes = pipeline.num_classes(train_source) or 0
+    if not config.data.num_classes:
+      raise ConfigError(f'{config.data.name} does not say how many classes it has: set '
+                        f'--config.data.num_classes')
   num_examples = len(train_source)
   steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch == 0:

@@ -50,3 +50,63 @@ def fake_data_config(fake_idx_dir, tmp_path_factory):
   config.data.idx_dir = fake_idx_dir
   config.data.data_dir = str(tmp_path_factory.mktemp('tfds'))
   return config
+
+
+# An image-folder tree of real encoded files in the formats photo collections hold.
+FORMATS = (('JPEG', 'RGB', '.jpg'), ('PNG', 'RGB', '.png'), ('JPEG', 'L', '.JPEG'),
+           ('PNG', 'RGBA', '.PNG'), ('JPEG', 'CMYK', '.jpeg'), ('PNG', 'L', '.png'),
+           ('PNG', 'P', '.png'))
+SIZES = ((20, 24), (37, 53), (64, 48), (150, 120), (333, 500), (600, 410), (96, 96))
+COLOURS = ((220, 40, 40), (40, 200, 60), (50, 60, 230), (230, 220, 40))
+
+
+def encode_image(array, fmt, mode, quality=90):
+  """uint8 RGB array -> bytes of `fmt` in PIL `mode`."""
+  import io
+  from PIL import Image
+  image = Image.fromarray(array, 'RGB')
+  image = image.convert(mode) if mode != 'P' else image.convert('P', palette=Image.ADAPTIVE)
+  buf = io.BytesIO()
+  image.save(buf, fmt, **({'quality': quality} if fmt == 'JPEG' else {}))
+  return buf.getvalue()
+
+
+def class_image(label, h, w, rng):
+  """A learnable picture: the class's colour, a darker square at a random place, noise."""
+  x = np.empty((h, w, 3), np.float32)
+  x[:] = COLOURS[label]
+  y0, x0 = rng.integers(0, max(h // 2, 1)), rng.integers(0, max(w // 2, 1))
+  x[y0:y0 + h // 3, x0:x0 + w // 3] *= 0.4
+  x += rng.normal(0, 12, x.shape)
+  return x.clip(0, 255).astype(np.uint8)
+
+
+def make_image_tree(root, classes=('Bird', 'cat', 'dog', 'zebra'), per_class=None, seed=0):
+  """root/{train,val}/<class>/... with JPEG and PNG files, RGB, grayscale, RGBA, CMYK and
+  palette, 20 to 600 pixels; a nested sub-folder, and files that are not images. Returns
+  {split: number of images}."""
+  per_class = per_class or {'train': 10, 'val': 4}
+  rng = np.random.default_rng(seed)
+  k = 0
+  for split, n in per_class.items():
+    for label, name in enumerate(classes):
+      d = os.path.join(root, split, name)
+      os.makedirs(os.path.join(d, 'more'), exist_ok=True)
+      for i in range(n):
+        fmt, mode, ext = FORMATS[k % len(FORMATS)]
+        h, w = SIZES[k % len(SIZES)]
+        k += 1
+        sub = 'more' if i == n - 1 else ''
+        with open(os.path.join(d, sub, f'{name}_{i:03d}{ext}'), 'wb') as f:
+          f.write(encode_image(class_image(label, h, w, rng), fmt, mode))
+      for junk in ('.DS_Store', 'Thumbs.db', 'README.txt'):
+        with open(os.path.join(d, junk), 'wb') as f:
+          f.write(b'not an image')
+  return {split: n * len(classes) for split, n in per_class.items()}
+
+
+@pytest.fixture(scope='session')
+def image_tree(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('photos'))
+  make_image_tree(root)
+  return root

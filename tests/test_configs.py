@@ -7,8 +7,8 @@ import pytest
 from snca_jax import models
 from snca_jax import optim
 
-NAMES = ['fashion_mnist', 'cifar10_resnet18', 'imagenet_resnet18', 'imagenet_resnet34',
-         'imagenet_resnet50']
+NAMES = ['fashion_mnist', 'cifar10_resnet18', 'cifar100_resnet18', 'imagenet_resnet18',
+         'imagenet_resnet34', 'imagenet_resnet50', 'folder']
 
 
 @pytest.mark.parametrize('name', NAMES)
@@ -37,3 +37,17 @@ def test_cifar_recipe():
                                                                     'cifar_resnet18')
   lr = [optim.learning_rate_at(c, 10, e * 10) for e in (0, 49, 50, 100, 150, 199)]
   assert lr == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001, 0.0001])
+
+
+@pytest.mark.parametrize('name', ['cifar10_resnet18', 'cifar100_resnet18', 'imagenet_resnet18',
+                                  'imagenet_resnet34', 'imagenet_resnet50'])
+def test_recipes_take_either_source(name):
+  """`--config configs/NAME.py:folder` is the same recipe read from an image folder."""
+  module = importlib.import_module(f'configs.{name}')
+  tfds_config, folder_config = module.get_config(), module.get_config('folder')
+  assert tfds_config.data.name != 'folder' and folder_config.data.name == 'folder'
+  for c in (tfds_config, folder_config):
+    c.data.name = c.data.eval_split = None
+  assert tfds_config.to_dict() == folder_config.to_dict()
+  with pytest.raises(ValueError, match='folder'):
+    module.get_config('imagefolder')

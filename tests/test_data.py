@@ -12,7 +12,7 @@ from snca_jax.errors import DataError
 
 
 def _transform(kind='none', size=28):
-  return pipeline.Transform(kind, (0.5,), (0.25,), size)
+  return pipeline.Transform(kind, size, channels=1)
 
 
 def test_record_position_is_the_dense_index(fake_data_config, fake_idx_dir):
@@ -103,34 +103,16 @@ def test_crop_flip():
     assert any(np.array_equal(y[i], w) for w in windows)
 
 
-@pytest.mark.parametrize('kind,size', [('cifar', 32), ('imagenet', 24), ('imagenet_eval', 24)])
-def test_original_augmentations(kind, size):
-  rng = np.random.default_rng(0)
-  images = [rng.integers(0, 255, size=(h, w, 3)).astype(np.uint8)
-            for h, w in ((40, 50), (32, 32), (64, 36))]
-  if kind == 'cifar':
-    images = np.stack([im[:32, :32] for im in images])
-  t = pipeline.Transform(kind, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), size)
-  batch = {'image': images, 'index': np.arange(3)}
-  out = t(batch, 5)['image']
-  again = t(batch, 5)['image']
-  assert not np.array_equal(out, t(batch, 6)['image']) or kind == 'imagenet_eval'
-  assert out.shape == (3, size, size, 3) and out.dtype == np.float32
-  assert np.array_equal(out, again)
-  assert out.min() >= (0 - 0.5) / 0.25 - 1e-5 and out.max() <= (1 - 0.5) / 0.25 + 1e-5
+def test_normalize_on_the_device():
+  x = np.random.default_rng(0).integers(0, 256, size=(4, 5, 5, 3)).astype(np.uint8)
+  mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+  want = (x / 255.0 - np.array(mean)) / np.array(std)
+  np.testing.assert_allclose(np.asarray(pipeline.normalize(x, mean, std)), want, atol=1e-5)
 
 
-def test_resize_center_crop_of_a_constant_image_is_constant():
-  image = np.full((300, 400, 3), 77, np.uint8)
-  out = augment.resize_center_crop([image], resize=256, crop=224)
-  assert out.shape == (1, 224, 224, 3)
-  np.testing.assert_allclose(out, 77, atol=1e-3)
-
-
-def test_color_jitter_hsv_round_trip():
-  rng = np.random.default_rng(0)
-  rgb = rng.random((4, 5, 5, 3)).astype(np.float32)
-  np.testing.assert_allclose(augment._hsv_to_rgb(augment._rgb_to_hsv(rgb)), rgb, atol=1e-5)
+def test_unknown_augmentation():
+  with pytest.raises(ValueError, match="unknown augmentation 'imagenett'"):
+    pipeline.Transform('imagenett', 224)
 
 
 def test_worker_processes_give_the_same_batches(fake_data_config):

@@ -12,42 +12,51 @@ resuming at any batch gives exactly the batches an uninterrupted run would have 
 """
 
 import dataclasses
+import logging
 import os
 from typing import Any, Iterator, Sequence
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from snca_jax.data import augment
-from snca_jax.errors import DataError
+from snca_jax.data import folder
+from snca_jax.data import images
 from snca_jax.data.fashion_mnist import DEFAULT_IDX_DIR, FashionMnistIdx
+from snca_jax.errors import DataError
+
+log = logging.getLogger('snca_jax')
 
 
 def open_source(data_config, split: str):
-  """The random-access data source of `split` for the dataset named in `data_config.name`."""
+  """The random-access data source of `split` for the dataset named in `data_config.name`:
+  'fashion_mnist' (IDX files), 'folder' (an image folder tree under `data_config.root`), or the
+  name of any TFDS dataset with `image` and `label` features, prepared as array_record."""
   name, data_dir = data_config.name, data_config.get('data_dir') or None
   if name == 'fashion_mnist':
     idx_dir = data_config.get('idx_dir') or DEFAULT_IDX_DIR
     tfds_dir = data_dir or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
     builder = FashionMnistIdx(idx_dir=idx_dir, download=data_config.get('download', True),
                               data_dir=tfds_dir, file_format='array_record')
-    if jax.process_count() > 1:   # process 0 first, so a shared filesystem is written once
-      if jax.process_index() == 0 and not builder.is_prepared():
-        _prepare(builder, idx_dir)
-      multihost_utils.sync_global_devices('snca_jax: fashion_mnist prepared')
-    if not builder.is_prepared():
-      _prepare(builder, idx_dir)
+    _prepare_once(builder.is_prepared, lambda: _prepare(builder, idx_dir))
     return builder.as_data_source(split)
-  try:
-    return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
-  except Exception as e:
-    raise DataError(
-        f'TFDS dataset {name!r} (split {split!r}) could not be opened from '
-        f'{data_dir or "the default TFDS data dir"} ({type(e).__name__}: {e}); prepare it as '
-        f'array_record first, or set --config.data.data_dir') from e
+  if name == 'folder':
+    return _open_folder(data_config, split)
+  return TfdsSource(name, split, data_dir)
+
+
+def _prepare_once(is_prepared, prepare):
+  """Prepares a dataset on process 0 while the others wait (the filesystem is shared)."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0 and not is_prepared():
+      prepare()
+    multihost_utils.sync_global_devices('snca_jax: dataset prepared')
+  if not is_prepared():
+    prepare()
 
 
 def _prepare(builder, idx_dir):
@@ -60,17 +69,109 @@ def _prepare(builder, idx_dir):
         f'or set --config.data.idx_dir to a folder holding the four IDX files') from e
 
 
-def image_shape(data_config):
-  return (data_config.image_size, data_config.image_size, data_config.channels)
+def prepared_dir(data_config) -> str:
+  root = os.path.abspath(os.path.expanduser(data_config.root))
+  return os.path.abspath(os.path.expanduser(data_config.get('prepared_dir') or
+                                            os.path.join(root, 'snca_prepared')))
 
 
-def read_labels(source, batch_size: int = 8192) -> np.ndarray:
-  """All labels of a source, in record order, as int32."""
+def _open_folder(data_config, split: str) -> folder.FolderSource:
+  if not data_config.get('root'):
+    raise DataError('data.name=folder needs the image folder: set --config.data.root=DIR '
+                    '(DIR/<split>/<class>/<image>)')
+  split_dir = os.path.join(os.path.abspath(os.path.expanduser(data_config.root)), split)
+  out = os.path.join(prepared_dir(data_config), split)
+  if not folder.is_prepared(out) and not os.path.isdir(split_dir):
+    raise DataError(f'no folder {split_dir}: the image folder needs one sub-folder per split '
+                    f'(set --config.data.train_split / eval_split to their names)')
+
+  def prepare():
+    try:
+      os.makedirs(os.path.dirname(out), exist_ok=True)
+    except OSError as e:
+      raise DataError(f'cannot write the prepared dataset to {os.path.dirname(out)} '
+                      f'({e.strerror}): set --config.data.prepared_dir to a writable folder '
+                      f'(shared by all hosts)') from e
+    meta = folder.prepare(split_dir, out, skip_bad_images=data_config.get('skip_bad_images'),
+                          show_progress=jax.process_index() == 0)
+    if meta['skipped']:
+      log.warning('%s: left out %d files that are not decodable images (listed in %s)',
+                  split_dir, len(meta['skipped']), os.path.join(out, 'meta.json'))
+
+  _prepare_once(lambda: folder.is_prepared(out), prepare)
+  source = folder.FolderSource(out)
+  if os.path.isdir(split_dir) and folder.find_classes(split_dir) != source.classes:
+    raise DataError(f'the class folders of {split_dir} changed since it was prepared into '
+                    f'{out}: delete {out} to prepare it again')
+  return source
+
+
+class TfdsSource:
+  """A TFDS dataset prepared as array_record, read with `tfds.data_source`. Image features come
+  back as their encoded bytes, decoded later by the transform (with PIL, as the original), so
+  that reading labels or anything else decodes nothing."""
+
+  def __init__(self, name: str, split: str, data_dir: str | None):
+    where = data_dir or 'the default TFDS data dir'
+    try:
+      self._builder = tfds.builder(name, data_dir=data_dir)
+      features = self._builder.info.features
+      self.encoded = {k for k in ('image',) if isinstance(features.get(k), tfds.features.Image)}
+      self._source = self._builder.as_data_source(
+          split, decoders={k: tfds.decode.SkipDecoding() for k in self.encoded} or None)
+      self.num_classes = getattr(features.get('label'), 'num_classes', None)
+    except Exception as e:
+      raise DataError(
+          f'TFDS dataset {name!r} (split {split!r}) could not be opened from {where} '
+          f'({type(e).__name__}: {" ".join(str(e).split())[:200]}); prepare it as array_record '
+          f'first (tfds build {name} --file_format=array_record), or set '
+          f'--config.data.data_dir') from e
+    if 'image' not in features or 'label' not in features:
+      raise DataError(f'TFDS dataset {name!r} has features {sorted(features)}; snca-jax needs '
+                      f'"image" and "label"')
+    self._split = split
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, i):
+    return self._source[i]
+
+  def __getitems__(self, keys):
+    return self._source.__getitems__(list(keys))
+
+  def labels(self, batch_size: int = 8192) -> np.ndarray:
+    """All labels, in record order, reading only the label feature."""
+    only = self._builder.as_data_source(
+        self._split, decoders=tfds.decode.PartialDecoding({'label': True}))
+    return _labels_of(only, batch_size)
+
+
+def _labels_of(source, batch_size):
   out = []
   for start in range(0, len(source), batch_size):
     records = source.__getitems__(list(range(start, min(start + batch_size, len(source)))))
     out.append(np.asarray([r['label'] for r in records], np.int32))
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
+
+
+def num_classes(source) -> int | None:
+  """The number of classes a source declares (folder classes, TFDS ClassLabel), if any."""
+  if hasattr(source, 'classes'):
+    return len(source.classes)
+  return getattr(source, 'num_classes', None)
+
+
+def image_shape(data_config):
+  return (data_config.image_size, data_config.image_size, data_config.channels)
+
+
+def read_labels(source, batch_size: int = 8192) -> np.ndarray:
+  """All labels of a source, in record order, as int32, decoding no image where the source
+  can say (image folders keep them in a file; TFDS reads the label feature alone)."""
+  if hasattr(source, 'labels'):
+    return np.asarray(source.labels(), np.int32)
+  return _labels_of(source, batch_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,47 +183,71 @@ class ReadBatch:
     positions = np.asarray(positions, np.int64)
     mask = positions >= 0
     records = self.source.__getitems__([int(p) for p in np.where(mask, positions, 0)])
-    images = [r['image'] for r in records]
-    if len({im.shape for im in images}) == 1:
-      images = np.stack(images)
-    return {'image': images,
+    return {'image': [r['image'] for r in records],
             'label': np.asarray([r['label'] for r in records], np.int32),
             'index': np.where(mask, positions, 0).astype(np.int32),
             'mask': mask}
 
 
+KINDS = ('none', 'crop_flip', 'cifar', 'imagenet', 'imagenet_eval', 'center')
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """A batch augmentation by name ('crop_flip', 'cifar', 'imagenet', 'imagenet_eval', 'none'),
-  then normalisation: (batch, seed) -> batch, each example augmented with its own generator
-  seeded by (seed, its index)."""
+  """A batch augmentation by name, (batch, seed) -> batch with uint8 (B, size, size, channels)
+  images; each example transformed with its own generator seeded by (seed, its index).
+
+    'none'           images as they are (all of the model's size)
+    'crop_flip'      random crop from the image zero-padded by 2 (4 from 32 pixels up), flip
+    'cifar'          the original's CIFAR training transform
+    'imagenet'       the original's ImageNet training transform (random resized crop, flip)
+    'imagenet_eval'  the original's ImageNet evaluation transform (resize, centre crop)
+    'center'         images as they are where they have the model's size, else resize and
+                     centre crop to it
+
+  Encoded images (bytes) are decoded here, with PIL. Normalisation happens on the device
+  (`normalize`).
+  """
   kind: str
-  mean: Sequence[float]
-  std: Sequence[float]
   image_size: int
+  channels: int = 3
+  reduced_decode: bool = True
+
+  def __post_init__(self):
+    if self.kind not in KINDS:
+      raise ValueError(f'unknown augmentation {self.kind!r}: use one of {", ".join(KINDS)}')
 
   def __call__(self, batch, seed: int = 0):
-    rng = [np.random.default_rng((seed, int(i))) for i in batch['index']]
-    x = batch['image']                      # uint8, values in [0, 255]
-    if self.kind == 'none':
-      x = np.asarray(x, np.float32)
-    elif self.kind == 'crop_flip':
-      x = augment.random_crop_flip(np.asarray(x), rng, pad=4 if self.image_size >= 32 else 2)
+    index, x, c, size = batch['index'], batch['image'], self.channels, self.image_size
+    rngs = [np.random.default_rng((seed, int(i))) for i in index]
+    if self.kind in ('none', 'crop_flip'):
+      x = np.stack([images.decode(im, c) if _encoded(im) else np.asarray(im) for im in x])
+      if self.kind == 'crop_flip':
+        x = augment.random_crop_flip(x, rngs, pad=4 if size >= 32 else 2)
     elif self.kind == 'cifar':
-      x = augment.random_resized_crop(x, rng, self.image_size, scale=(0.2, 1.0)) / 255.0
-      x = augment.random_grayscale(x, rng, p=0.2)
-      x = augment.color_jitter(x, rng, strength=0.4)
-      x = augment.random_flip(x, rng) * 255.0
+      x = np.stack([images.cifar_train(im, r, size, c) for im, r in zip(x, rngs)])
     elif self.kind == 'imagenet':
-      x = augment.random_flip(augment.random_resized_crop(x, rng, self.image_size), rng)
+      x = np.stack([images.imagenet_train(im, r, size, c, self.reduced_decode)
+                    for im, r in zip(x, rngs)])
     elif self.kind == 'imagenet_eval':
-      x = augment.resize_center_crop(x, resize=self.image_size * 256 // 224,
-                                     crop=self.image_size)
+      x = np.stack([images.imagenet_eval(im, size, c, self.reduced_decode) for im in x])
     else:
-      raise ValueError(f"unknown augmentation {self.kind!r}: use 'none', 'crop_flip', "
-                       f"'cifar', 'imagenet' or 'imagenet_eval'")
-    return dict(batch, image=augment.normalize(np.asarray(x, np.float32) / 255.0,
-                                               self.mean, self.std))
+      x = np.stack([images.center(im, size, c) for im in x])
+    if x.shape[1:] != (size, size, c):
+      raise DataError(f'images of shape {x.shape[1:]} where the model takes '
+                      f'{(size, size, c)}: set --config.data.image_size and channels, or an '
+                      f'augmentation that resizes (center, imagenet_eval)')
+    return dict(batch, image=x)
+
+
+def _encoded(x) -> bool:
+  return isinstance(x, (bytes, bytearray, memoryview))
+
+
+def normalize(images, mean, std, dtype=jnp.float32):
+  """uint8 images -> (x / 255 - mean) / std, on the device, inside the jitted step."""
+  x = images.astype(jnp.float32) / 255.0
+  return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
