@@ -115,10 +115,10 @@ class TfdsSource:
     where = data_dir or 'the default TFDS data dir'
     try:
       self._builder = tfds.builder(name, data_dir=data_dir)
-      features = self._builder.info.features
-      self.encoded = {k for k in ('image',) if isinstance(features.get(k), tfds.features.Image)}
+      features = dict(self._builder.info.features)
       self._source = self._builder.as_data_source(
-          split, decoders={k: tfds.decode.SkipDecoding() for k in self.encoded} or None)
+          split, decoders={'image': tfds.decode.SkipDecoding()}
+          if isinstance(features.get('image'), tfds.features.Image) else None)
       self.num_classes = getattr(features.get('label'), 'num_classes', None)
     except Exception as e:
       raise DataError(
@@ -129,7 +129,6 @@ class TfdsSource:
     if 'image' not in features or 'label' not in features:
       raise DataError(f'TFDS dataset {name!r} has features {sorted(features)}; snca-jax needs '
                       f'"image" and "label"')
-    self._split = split
 
   def __len__(self):
     return len(self._source)
@@ -141,10 +140,8 @@ class TfdsSource:
     return self._source.__getitems__(list(keys))
 
   def labels(self, batch_size: int = 8192) -> np.ndarray:
-    """All labels, in record order, reading only the label feature."""
-    only = self._builder.as_data_source(
-        self._split, decoders=tfds.decode.PartialDecoding({'label': True}))
-    return _labels_of(only, batch_size)
+    """All labels, in record order; images stay encoded (nothing is decoded)."""
+    return _labels_of(self._source, batch_size)
 
 
 def _labels_of(source, batch_size):

@@ -1,0 +1,96 @@
+"""TFDS image datasets through `tfds.data_source`: encoded images decoded by the transform,
+labels read without decoding, end to end. On a real array_record dataset of JPEG and PNG files
+(written here without TensorFlow), and on TFDS's own mock data for cifar10 and imagenet2012."""
+
+import io
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from snca_jax import evaluate
+from snca_jax import train
+from snca_jax.data import pipeline
+
+import fake_tfds
+
+
+@pytest.fixture(scope='module')
+def photos_tfds(image_tree, tmp_path_factory):
+  data_dir = str(tmp_path_factory.mktemp('tfds_photos'))
+  fake_tfds.PhotosTfds.ROOT = image_tree
+  fake_tfds.PhotosTfds(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return data_dir
+
+
+def _config(name, data_dir, image_size=32, eval_augment='imagenet_eval'):
+  from configs import imagenet_resnet18
+  c = imagenet_resnet18.get_config()
+  c.data.name, c.data.data_dir = name, data_dir
+  c.data.eval_split = 'val' if name == 'photos_tfds' else c.data.eval_split
+  c.data.num_classes = 0                        # from the dataset's ClassLabel
+  c.data.image_size, c.data.eval_augment = image_size, eval_augment
+  c.data.num_threads, c.data.worker_count = 2, 0
+  c.model, c.low_dim, c.batch_size, c.num_epochs = 'tiny_resnet', 16, 8, 1
+  c.knn.batch_size, c.log_every_steps = 8, 1
+  return c
+
+
+def test_records_are_the_encoded_files_and_labels_need_no_decode(photos_tfds, image_tree,
+                                                                 monkeypatch):
+  source = pipeline.open_source(_config('photos_tfds', photos_tfds).data, 'train')
+  assert len(source) == 40 and source.num_classes == 4
+  records = source.__getitems__(range(40))
+  for r in records:
+    with open(f'{image_tree}/train/{r["file_name"].decode()}', 'rb') as f:
+      assert r['image'] == f.read()
+  decoded = []
+  monkeypatch.setattr(Image.Image, 'load', lambda self: decoded.append(1))
+  labels = pipeline.read_labels(source)
+  assert not decoded
+  np.testing.assert_array_equal(labels, [r['label'] for r in records])
+  assert sorted(r['file_name'].decode()[:3] for r in records) != [r['file_name'].decode()[:3]
+                                                                  for r in records]
+
+
+def test_train_and_evaluate_on_a_tfds_image_dataset(photos_tfds, tmp_path):
+  config = _config('photos_tfds', photos_tfds)
+  state = train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert int(state.step) == 5
+  result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'), recompute=True, k=5)
+  assert result['num_queries'] == 16 and result['top1'] > 0.5     # 4 colour classes
+
+
+@pytest.fixture
+def tfds_mock(monkeypatch):
+  """TFDS's mock data as a prepared dataset gives it: images as encoded bytes. Without
+  TensorFlow the mock cannot encode its fake images, so PNG-encode them with PIL; and its
+  source answers `source[i]` only (tfds 4.9.10's mock `__getitems__` misses its argument), so
+  read batches one record at a time."""
+  from tensorflow_datasets.core.data_sources import array_record as tfds_array_record
+  from tensorflow_datasets.core.features import image_feature
+
+  def encode_png(self, np_image):
+    buf = io.BytesIO()
+    Image.fromarray(np_image[..., 0] if np_image.shape[-1] == 1 else np_image).save(buf, 'PNG')
+    return buf.getvalue()
+
+  monkeypatch.setattr(image_feature._ImageEncoder, '_encode_image', encode_png)
+  monkeypatch.setattr(tfds_array_record.ArrayRecordDataSource, '__getitems__',
+                      lambda self, keys: [self[k] for k in keys])
+  with tfds.testing.mock_data(num_examples=24):
+    yield
+
+
+@pytest.mark.parametrize('name,image_size,eval_augment', [('cifar10', 32, 'none'),
+                                                          ('imagenet2012', 24, 'imagenet_eval')])
+def test_tfds_mock_end_to_end(tfds_mock, name, image_size, eval_augment, tmp_path):
+  config = _config(name, str(tmp_path / 'tfds'), image_size, eval_augment)
+  config.data.train_augment = 'cifar' if name == 'cifar10' else 'imagenet'
+  source = pipeline.open_source(config.data, 'train')
+  assert isinstance(source[0]['image'], bytes)            # decoded by the transform, not TFDS
+  state = train.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert int(state.step) == 3 and config.data.num_classes == (10 if name == 'cifar10' else 1000)
+  result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'))
+  assert result['num_queries'] == 24 and 0.0 <= result['top1'] <= result['top5'] <= 1.0
