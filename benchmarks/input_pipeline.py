@@ -1,0 +1,196 @@
+"""Input pipeline throughput per core: the ImageNet training transform from JPEG bytes.
+
+    python benchmarks/input_pipeline.py [--n 256] [--batch 32]
+
+Everything runs on one thread of one core, on the same JPEGs of ImageNet size (500x375, quality
+90), in one run:
+  decode       PIL's full-size decode to RGB, nothing else: the floor for any transform that
+               looks at every pixel
+  original     the original's transform, written from torchvision's documented PIL path:
+               PIL decode, RandomResizedCrop(224) (get_params with torch's generator, crop,
+               bilinear antialiased resize), RandomHorizontalFlip, ToTensor, Normalize
+  ours         snca_jax's `Transform('imagenet', 224)` on batches (decode, the same crop rule,
+               flip, uint8 batch; normalisation happens on the accelerator), with and without
+               libjpeg's reduced-size decoding
+  eval         both sides' evaluation transform, Resize(256) + CenterCrop(224)
+Then the cores needed to feed 3,000 images/s, and the rate of preparing an image folder.
+
+The images are real photos where scikit-learn is installed (its two sample images, China and
+a flower, cut into 500x375 views and re-encoded), else synthetic pictures with noise.
+"""
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from snca_jax.data import folder  # noqa: E402
+from snca_jax.data import images  # noqa: E402
+from snca_jax.data import pipeline  # noqa: E402
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def photos(n, seed=0):
+  """n JPEGs of 500x375 (quality 90)."""
+  rng = np.random.default_rng(seed)
+  try:
+    from sklearn.datasets import load_sample_images
+    sources, kind = load_sample_images().images, 'real photos (scikit-learn sample images)'
+  except ImportError:
+    sources, kind = None, 'synthetic pictures'
+  out = []
+  for i in range(n):
+    if sources is not None:
+      src = sources[i % len(sources)]
+      s = rng.uniform(0.75, 0.85)
+      h, w = int(375 * s * 427 / 375), int(500 * s * 427 / 375)
+      top, left = rng.integers(0, src.shape[0] - h + 1), rng.integers(0, src.shape[1] - w + 1)
+      image = Image.fromarray(src[top:top + h, left:left + w]).resize((500, 375), Image.BICUBIC)
+      if rng.random() < 0.5:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+      y, x = np.mgrid[0:375, 0:500] / 40.0
+      a = np.stack([np.sin(x + rng.uniform(0, 6)), np.cos(y * rng.uniform(0.5, 2)),
+                    np.sin(x * y / 10)], -1) * 60 + 128 + rng.normal(0, 10, (375, 500, 3))
+      image = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, 'JPEG', quality=90)
+    out.append(buf.getvalue())
+  return out, kind
+
+
+def original_train(torch):
+  """The original's training transform, torchvision's PIL path written out."""
+  import math
+  mean = torch.as_tensor(MEAN).view(-1, 1, 1)
+  std = torch.as_tensor(STD).view(-1, 1, 1)
+  log_ratio = torch.log(torch.tensor((3 / 4, 4 / 3)))
+
+  def get_params(width, height):
+    area = height * width
+    for _ in range(10):
+      target_area = area * torch.empty(1).uniform_(0.08, 1.0).item()
+      aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1]).item())
+      w = int(round(math.sqrt(target_area * aspect)))
+      h = int(round(math.sqrt(target_area / aspect)))
+      if 0 < w <= width and 0 < h <= height:
+        i = torch.randint(0, height - h + 1, size=(1,)).item()
+        j = torch.randint(0, width - w + 1, size=(1,)).item()
+        return i, j, h, w
+    return 0, 0, height, width
+
+  def to_tensor_normalize(image):
+    t = torch.from_numpy(np.array(image, np.uint8, copy=True))
+    t = t.view(image.size[1], image.size[0], 3).permute((2, 0, 1)).contiguous()
+    t = t.to(dtype=torch.float32).div(255)
+    return t.sub_(mean).div_(std)
+
+  def transform(data):
+    with open_bytes(data) as f:
+      image = Image.open(f).convert('RGB')
+    i, j, h, w = get_params(*image.size)
+    image = image.crop((j, i, j + w, i + h)).resize((224, 224), Image.BILINEAR)
+    if torch.rand(1) < 0.5:
+      image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor_normalize(image)
+
+  def eval_transform(data):
+    with open_bytes(data) as f:
+      image = Image.open(f).convert('RGB')
+    w, h = image.size
+    size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    image = image.resize(size, Image.BILINEAR)
+    top, left = int(round((size[1] - 224) / 2.0)), int(round((size[0] - 224) / 2.0))
+    return to_tensor_normalize(image.crop((left, top, left + 224, top + 224)))
+
+  return transform, eval_transform
+
+
+def open_bytes(data):
+  return io.BytesIO(data)
+
+
+def rate(fn, items, repeat):
+  """Images per second of fn over items (fn takes one item, or a batch where items are
+  batches), best of `repeat` passes."""
+  fn(items[0])
+  best = 0.0
+  for _ in range(repeat):
+    t0 = time.perf_counter()
+    count = 0
+    for x in items:
+      fn(x)
+      count += len(x['image']) if isinstance(x, dict) else 1
+    best = max(best, count / (time.perf_counter() - t0))
+  return best
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--n', type=int, default=256, help='JPEGs')
+  parser.add_argument('--batch', type=int, default=32)
+  parser.add_argument('--repeat', type=int, default=3)
+  args = parser.parse_args()
+  import torch
+  torch.set_num_threads(1)
+  data, kind = photos(args.n)
+  batches = [{'image': data[i:i + args.batch], 'index': np.arange(i, i + len(data[i:i + args.batch]))}
+             for i in range(0, len(data), args.batch)]
+  simd = 'post' in PIL.__version__
+  print(f'{args.n} JPEGs of 500x375, quality 90, {np.mean([len(d) for d in data]) / 1024:.0f} '
+        f'KiB on average; {kind}. Pillow{"-SIMD" if simd else ""} {PIL.__version__}, '
+        f'torch {torch.__version__}, one thread.\n')
+  original, original_eval = original_train(torch)
+  ours = pipeline.Transform('imagenet', 224, 3, reduced_decode=True)
+  ours_full = pipeline.Transform('imagenet', 224, 3, reduced_decode=False)
+  ours_eval = pipeline.Transform('imagenet_eval', 224, 3, reduced_decode=True)
+  rows = [
+      ('decode alone (PIL, full size, RGB)', rate(lambda d: images.decode(d), data, args.repeat)),
+      ('original: train transform', rate(original, data, args.repeat)),
+      ('ours: train transform', rate(lambda b: ours(b, 1), batches, args.repeat)),
+      ('ours: train, no reduced decode', rate(lambda b: ours_full(b, 1), batches, args.repeat)),
+      ('original: eval transform', rate(original_eval, data, args.repeat)),
+      ('ours: eval transform', rate(lambda b: ours_eval(b, 1), batches, args.repeat)),
+  ]
+  r = dict(rows)
+  print(f'{"images/s on one core":44s} {"img/s":>8s}')
+  for name, value in rows:
+    print(f'{name:44s} {value:8.0f}')
+  print()
+  train_ours, train_orig = r['ours: train transform'], r['original: train transform']
+  print(f'train: ours / original = {train_ours / train_orig:.2f}x; ours / decode alone = '
+        f'{train_ours / r["decode alone (PIL, full size, RGB)"]:.2f}x')
+  print(f'eval:  ours / original = {r["ours: eval transform"] / r["original: eval transform"]:.2f}x')
+  print(f'cores to feed 3,000 images/s (ResNet-50, one current GPU in bfloat16): ours '
+        f'{3000 / train_ours:.1f}, original {3000 / train_orig:.1f}')
+
+  tmp = tempfile.mkdtemp()
+  try:
+    for i, d in enumerate(data):
+      os.makedirs(os.path.join(tmp, 'train', f'n{i % 8:08d}'), exist_ok=True)
+      with open(os.path.join(tmp, 'train', f'n{i % 8:08d}', f'img_{i:05d}.JPEG'), 'wb') as f:
+        f.write(d)
+    t0 = time.perf_counter()
+    folder.prepare(os.path.join(tmp, 'train'), os.path.join(tmp, 'prepared'), num_threads=1,
+                   show_progress=False)
+    dt = time.perf_counter() - t0
+    mb = sum(len(d) for d in data) / 2**20
+    print(f'prepare (read, check by decoding at 1/8 scale, write array_record), one thread: '
+          f'{len(data) / dt:.0f} images/s, {mb / dt:.0f} MiB/s; ImageNet train '
+          f'(1,281,167 images) at that rate: {1281167 / (len(data) / dt) / 60:.0f} min per thread')
+  finally:
+    shutil.rmtree(tmp)
+
+
+if __name__ == '__main__':
+  main()
