@@ -2,6 +2,8 @@
 
 import gzip
 import os
+import subprocess
+import time
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
@@ -110,3 +112,34 @@ def image_tree(tmp_path_factory):
   root = str(tmp_path_factory.mktemp('photos'))
   make_image_tree(root)
   return root
+
+
+def final_state(workdir):
+  """(latest step, {leaf path: array}) of a workdir's latest checkpoint, on one device."""
+  from snca_jax import checkpoint
+  from snca_jax import mesh as mesh_lib
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+  step = mngr.latest_step()
+  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  return step, {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(state)}
+
+
+def run_until(cmd, metrics, lines, sig, env):
+  """Runs `cmd` in the repository, sends `sig` once the file `metrics` has `lines` lines;
+  returns (exit code, stdout, stderr)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  p = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True)
+  try:
+    deadline = time.time() + 300
+    while p.poll() is None and time.time() < deadline:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= lines:
+        p.send_signal(sig)
+        break
+      time.sleep(0.002)
+    out, err = p.communicate(timeout=300)
+  finally:
+    if p.poll() is None:
+      p.kill()
+  return p.returncode, out, err

@@ -2,6 +2,7 @@
 
     python tests/multihost_worker.py --devices 2 --num_processes 2 --process_id 0 --port P \
         --workdir W --idx_dir I --data_dir D --out results.npz [--epochs 2] [--eval_only]
+        [--folder_root DIR]
 
 Trains the tiny config (resuming from W), then process 0 writes the final params, bank, batch
 statistics and the kNN evaluation of the checkpoint to --out.
@@ -24,6 +25,7 @@ p.add_argument('--data_dir', required=True)
 p.add_argument('--out', required=True)
 p.add_argument('--epochs', type=int, default=2)
 p.add_argument('--eval_only', action='store_true')
+p.add_argument('--folder_root', default='', help='train on this image folder instead')
 args = p.parse_args()
 
 import jax  # noqa: E402
@@ -49,6 +51,11 @@ def tiny_config():
   # Sums across devices are rounded in another order by gloo than within one process; a small
   # learning rate keeps training from amplifying those last-bit differences past 1e-5.
   c.learning_rate = 0.01
+  if args.folder_root:       # a shrunk ImageNet recipe on an image folder (prepared on first use)
+    c.data.update(name='folder', root=args.folder_root, train_split='train', eval_split='val',
+                  num_classes=0, image_size=16, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3,
+                  train_augment='imagenet', eval_augment='imagenet_eval', num_threads=2)
+    c.batch_size = 8
   return c
 
 

@@ -6,20 +6,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
 from configs import imagenet_resnet18
-from snca_jax import checkpoint
-from snca_jax import mesh as mesh_lib
 from snca_jax.data import folder
 from snca_jax.data import pipeline
 from snca_jax.errors import DataError
 
-from conftest import make_image_tree
+from conftest import final_state, make_image_tree, run_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -129,14 +125,6 @@ def _train_cmd(workdir, root):
           '--config.log_every_steps=1', '--config.checkpoint_max_to_keep=5']
 
 
-def _state(workdir):
-  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
-  step = mngr.latest_step()
-  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
-  return step, {jax.tree_util.keystr(k): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(state)}
-
-
 def test_train_interrupt_resume_evaluate_on_an_image_folder(image_tree, tmp_path):
   root = str(tmp_path / 'photos')
   shutil.copytree(image_tree, root, ignore=shutil.ignore_patterns('snca_prepared'))
@@ -148,26 +136,14 @@ def test_train_interrupt_resume_evaluate_on_an_image_folder(image_tree, tmp_path
 
   # SIGTERM after the 3rd of 10 steps; the same command resumes.
   resumed = tmp_path / 'resumed'
-  p = subprocess.Popen(_train_cmd(resumed, root), cwd=ROOT, env=_env(),
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = resumed / 'metrics.jsonl'
-  try:
-    deadline = time.time() + 300
-    while p.poll() is None and time.time() < deadline:
-      if metrics.exists() and sum(1 for _ in open(metrics)) >= 3:
-        p.send_signal(signal.SIGTERM)
-        break
-      time.sleep(0.002)
-    out, err = p.communicate(timeout=300)
-  finally:
-    if p.poll() is None:
-      p.kill()
-  assert p.returncode == 0 and 'stopped by SIGTERM' in out, err[-3000:]
+  code, out, err = run_until(_train_cmd(resumed, root), str(resumed / 'metrics.jsonl'), 3,
+                             signal.SIGTERM, _env())
+  assert code == 0 and 'stopped by SIGTERM' in out, err[-3000:]
   assert int(out.split(' at step ')[1].split(';')[0]) < 10
   r = subprocess.run(_train_cmd(resumed, root), cwd=ROOT, env=_env(), capture_output=True,
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
-  (step, want), (step2, got) = _state(straight), _state(resumed)
+  (step, want), (step2, got) = final_state(straight), final_state(resumed)
   assert step == step2 == 10
   for k in want:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)

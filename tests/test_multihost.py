@@ -80,3 +80,17 @@ def test_two_process_checkpoint_restores_in_one_process(runs, fake_data_config):
   resumed = launch(1, 4, tmp / 'resume', tmp / 'resume.npz', fake_data_config.data,
                    '--epochs', '3')
   assert int(resumed['step']) == 18
+
+
+def test_process_zero_prepares_an_image_folder_while_the_other_waits(fake_data_config,
+                                                                     tmp_path):
+  """Two processes start on an image folder nobody has prepared: it is prepared once (by
+  process 0, on the filesystem both see), and both train on it."""
+  from conftest import make_image_tree
+  root = tmp_path / 'photos'
+  make_image_tree(str(root), per_class={'train': 4, 'val': 2})
+  out = launch(2, 1, tmp_path / 'w', tmp_path / 'out.npz', fake_data_config.data,
+               '--epochs', '1', '--folder_root', str(root))
+  assert int(out['step']) == 2                       # 16 images, batch 8
+  assert sorted(os.listdir(root / 'snca_prepared')) == ['train', 'val']
+  assert 0.0 <= float(out['knn_top1']) <= 1.0

@@ -7,18 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
-import jax
 import numpy as np
 import pytest
 
-from snca_jax import checkpoint
-from snca_jax import mesh as mesh_lib
 from snca_jax import train
 from snca_jax.errors import DataError, TrainingError
 
-from conftest import make_fake_fashion_mnist
+from conftest import final_state, make_fake_fashion_mnist, run_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,31 +39,10 @@ def run(cmd, devices=1):
                         timeout=600)
 
 
-def final_state(workdir):
-  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
-  step = mngr.latest_step()
-  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
-  return step, {jax.tree_util.keystr(k): np.asarray(v)
-                for k, v in jax.tree_util.tree_leaves_with_path(state)}
-
-
 def interrupted_run(workdir, data, sig, lines_before_signal):
   """Starts training, sends `sig` once metrics.jsonl has that many lines, returns the result."""
-  metrics = os.path.join(workdir, 'metrics.jsonl')
-  p = subprocess.Popen(train_cmd(workdir, data), cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, text=True)
-  try:
-    deadline = time.time() + 300
-    while p.poll() is None and time.time() < deadline:
-      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= lines_before_signal:
-        p.send_signal(sig)
-        break
-      time.sleep(0.002)
-    out, err = p.communicate(timeout=300)
-  finally:
-    if p.poll() is None:
-      p.kill()
-  return p.returncode, out, err
+  return run_until(train_cmd(workdir, data), os.path.join(workdir, 'metrics.jsonl'),
+                   lines_before_signal, sig, env())
 
 
 @pytest.fixture(scope='module')

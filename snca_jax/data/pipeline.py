@@ -14,7 +14,7 @@ resuming at any batch gives exactly the batches an uninterrupted run would have 
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import grain
 import jax
