@@ -158,12 +158,14 @@ def test_images_of_the_wrong_size_are_a_clear_error():
 
 
 def test_reduced_decode_keeps_enough_pixels():
-  """The draft scale never leaves the crop smaller than the output."""
+  """The reduced scale (1/2, 1/4 or 1/8) never leaves the crop smaller than the output."""
   data = encode_image(_photo(600, 800, seed=2), 'JPEG', 'RGB')
-  for seed in range(30):
-    rng = np.random.default_rng(seed)
-    image = images.open_image(data)
-    top, left, h, w = images.random_box(rng, 600, 800)
-    images._draft(image, 800 * 64 / w, 600 * 64 / h, True)
-    scale = image.size[0] / 800
+  scales = set()
+  for seed in range(40):
+    top, left, h, w = images.random_box(np.random.default_rng(seed), 600, 800)
+    image, full = images._pixels(data, 3, 800 * 64 / w, 600 * 64 / h, reduced=True)
+    assert full == (800, 600)
+    scale = image.shape[1] / 800
+    scales.add(800 // image.shape[1])
     assert math.floor(w * scale) >= 63 and math.floor(h * scale) >= 63
+  assert {2, 4} <= scales <= {1, 2, 4, 8}
