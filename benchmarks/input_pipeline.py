@@ -145,7 +145,8 @@ def main():
   import torch
   torch.set_num_threads(1)
   data, kind = photos(args.n)
-  batches = [{'image': data[i:i + args.batch], 'index': np.arange(i, i + len(data[i:i + args.batch]))}
+  batches = [{'image': data[i:i + args.batch],
+              'index': np.arange(i, min(i + args.batch, len(data)))}
              for i in range(0, len(data), args.batch)]
   simd = 'post' in PIL.__version__
   print(f'{args.n} JPEGs of 500x375, quality 90, {np.mean([len(d) for d in data]) / 1024:.0f} '
@@ -174,7 +175,8 @@ def main():
   print(f'train: ours / original = {train_ours / train_orig:.2f}x; ours / decode alone = '
         f'{train_ours / r["decode alone: PIL (as the original)"]:.2f}x (PIL), '
         f'{train_ours / r["decode alone: ours (simplejpeg)"]:.2f}x (simplejpeg)')
-  print(f'eval:  ours / original = {r["ours: eval transform"] / r["original: eval transform"]:.2f}x')
+  eval_ratio = r['ours: eval transform'] / r['original: eval transform']
+  print(f'eval:  ours / original = {eval_ratio:.2f}x')
   print(f'cores to feed 3,000 images/s (ResNet-50, one current GPU in bfloat16): ours '
         f'{3000 / train_ours:.1f}, original {3000 / train_orig:.1f}')
 

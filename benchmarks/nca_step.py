@@ -50,7 +50,7 @@ def make_inputs(n, b, d, seed=0):
 
 
 def initial_bank(n, d):
-  """The bank's initialisation (SPEC.md), made in numpy so that no compilation is needed."""
+  """The bank's initialisation (docs/METHOD.md), made in numpy so that no compilation is needed."""
   stdv = 1.0 / (d / 3) ** 0.5
   return np.random.default_rng(1).uniform(-stdv, stdv, size=(n, d)).astype(np.float32)
 

@@ -1,4 +1,4 @@
-"""CIFAR-10, CIFAR ResNet-18: the original's `cifar.py` recipe (SPEC.md).
+"""CIFAR-10, CIFAR ResNet-18: the original's `cifar.py` recipe (docs/METHOD.md).
 
 From TFDS `cifar10` prepared as array_record (`tfds build cifar10 --file_format=array_record`):
 
@@ -34,6 +34,8 @@ def cifar_data(c, name: str, num_classes: int, source: str):
 def get_config(source: str = 'tfds'):
   c = cifar_data(fashion_mnist.get_config(), 'cifar10', 10, source)
   c.model = 'cifar_resnet18'
+  c.model_init = 'pytorch'       # the original's CIFAR ResNet keeps PyTorch's initialisation
+  c.monitor = 'knn'              # cifar.py: weighted kNN (K=30) each epoch, best kept
   c.num_epochs = 200
   c.batch_size = 128
   c.learning_rate = 0.1

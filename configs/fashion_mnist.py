@@ -13,6 +13,8 @@ def get_config():
   c.model = 'small_resnet'
   c.low_dim = 128
   c.dtype = 'float32'
+  c.model_init = 'torchvision'  # or 'pytorch' (PyTorch's defaults, the original's CIFAR net)
+  c.bn_per_device = False       # True: BatchNorm statistics per device, as DataParallel's
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'  # or 'folder', or a TFDS dataset name ('cifar10', ...)
@@ -59,6 +61,8 @@ def get_config():
   c.knn.sigma = 0.0             # 0 = the temperature
   c.knn.batch_size = 1000
 
+  c.monitor = '1nn'             # per-epoch: '1nn' (the original's main.py) or 'knn' (cifar.py)
+  c.keep_best = True            # keep the best epoch's state in <workdir>/best
   c.log_every_steps = 50
   c.checkpoint_max_to_keep = 2
   return c

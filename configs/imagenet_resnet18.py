@@ -1,4 +1,5 @@
-"""ImageNet, ResNet-18: the original's `main.py` recipe (SPEC.md); kNN top-1 70.59% published.
+"""ImageNet, ResNet-18: the original's `main.py` recipe (docs/METHOD.md); kNN top-1 70.59%
+published.
 
 From TFDS `imagenet2012` prepared as array_record (manual download of the ILSVRC2012 tars):
 

@@ -1,7 +1,8 @@
 """ImageNet, ResNet-34: the ResNet-18 recipe; kNN top-1 74.41% published.
 
     python train.py --config configs/imagenet_resnet34.py --workdir runs/r34
-    python train.py --config configs/imagenet_resnet34.py:folder --config.data.root=DIR --workdir runs/r34
+    python train.py --config configs/imagenet_resnet34.py:folder --config.data.root=DIR \
+        --workdir runs/r34
 """
 
 from configs import imagenet_resnet18

@@ -4,7 +4,8 @@ the bank and batch statistics updated every 128. Where memory allows, `--config.
 --config.grad_accum_steps=1` is the same recipe without accumulation.
 
     python train.py --config configs/imagenet_resnet50.py --workdir runs/r50
-    python train.py --config configs/imagenet_resnet50.py:folder --config.data.root=DIR --workdir runs/r50
+    python train.py --config configs/imagenet_resnet50.py:folder --config.data.root=DIR \
+        --workdir runs/r50
 """
 
 from configs import imagenet_resnet18

@@ -9,10 +9,7 @@ previous checkpoint.
 
 import os
 
-import jax
 import orbax.checkpoint as ocp
-
-from snca_jax import mesh as mesh_lib
 
 ITEMS = ('state', 'config')
 
@@ -29,6 +26,8 @@ def manager(directory: str, *, max_to_keep: int = 2, read_only: bool = False):
 
 
 def save(mngr, step: int, state, config_dict: dict):
+  """Writes `state` and the run's config (with `num_examples`, the training set's size, which
+  the bank's padded length does not tell) as step `step`."""
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           config=ocp.args.JsonSave(config_dict)))
 
@@ -40,19 +39,27 @@ def restore_state(mngr, step: int, abstract_state):
   return out['state']
 
 
-def restore_as_saved(mngr, step: int, mesh) -> dict:
-  """The state at `step` as a dict of the arrays it holds, whatever config, mesh or process
-  count wrote it: the bank sharded by rows where they split evenly over `mesh`, everything else
-  replicated. For evaluation and inspection; training restores into its own abstract state."""
-  tree = mngr.item_metadata(step)['state'].tree
-  devices = mesh.shape[mesh_lib.DATA]
+class BestCheckpoint:
+  """`<workdir>/best/<step>`: the state of the epoch with the highest monitored accuracy so
+  far (the original saves its best checkpoint beside the latest). Its config records the
+  value (`monitor_value`), so that a resumed run keeps comparing against it."""
 
-  def target(path, meta):
-    split = path[0].key in ('bank', 'bank_labels') and meta.shape[0] % devices == 0
-    sharding = mesh_lib.rows(mesh) if split else mesh_lib.replicated(mesh)
-    return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding)
+  def __init__(self, workdir: str):
+    self.mngr = manager(os.path.join(os.path.abspath(workdir), 'best'), max_to_keep=1)
+    step = self.mngr.latest_step()
+    self.value = (-float('inf') if step is None
+                  else float(restore_config(self.mngr, step).get('monitor_value', -1.0)))
 
-  return restore_state(mngr, step, jax.tree_util.tree_map_with_path(target, tree))
+  def offer(self, step: int, state, value: float, config_dict: dict) -> bool:
+    """Saves `state` if `value` beats the best so far; True if it did."""
+    if value <= self.value:
+      return False
+    save(self.mngr, step, state, dict(config_dict, monitor_value=float(value)))
+    self.value = value
+    return True
+
+  def close(self):
+    self.mngr.wait_until_finished()
 
 
 def restore_config(mngr, step: int) -> dict:

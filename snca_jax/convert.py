@@ -9,9 +9,8 @@ Input, read with torch (`pip install .[convert]`):
     `params` holds [temperature, memory momentum]), `epoch`, `best_prec1`, `optimizer`;
   - or a plain state dict of a torchvision ResNet (ImageNet layout) or of the original's
     CIFAR ResNet (`models/resnet_cifar.py`: conv1, layer1..4 with `shortcut`, `linear`).
-The pickle is read by an unpickler that knows only an allow-list: torch's tensor and storage
-rebuilders, plain containers, and the original's memory and loss classes, which become
-`PickledModule` containers of their attributes. Anything else is refused, unread.
+The pickle is read by `torch_pickle`'s unpickler, which runs no code the file names;
+`torch_weights` maps the weights.
 
 Output: an Orbax checkpoint of the train state (params, batch statistics, a fresh optimizer
 state, the bank and, given `--labels` or `--labels_dataset`, its labels; otherwise every bank row
@@ -19,204 +18,69 @@ is unlabelled and `eval_knn.py --recompute` is the way to evaluate), with the ru
 that `eval_knn.py` evaluates it and `train.py` continues training it.
 """
 
-import _compat_pickle
 import os
-import pickle
-import re
 import sys
 
 import numpy as np
 
 from snca_jax.errors import CheckpointError, ConfigError
+from snca_jax.torch_pickle import load_torch_checkpoint
+from snca_jax.torch_weights import infer_architecture, split_checkpoint, torch_to_flax, to_numpy
 
-# What a PyTorch checkpoint legitimately pickles.
-_ALLOWED = {
-    ('collections', 'OrderedDict'), ('builtins', 'set'), ('builtins', 'frozenset'),
-    ('builtins', 'slice'), ('builtins', 'object'), ('copyreg', '_reconstructor'),
-    ('torch._utils', '_rebuild_tensor'), ('torch._utils', '_rebuild_tensor_v2'),
-    ('torch._utils', '_rebuild_tensor_v3'), ('torch._utils', '_rebuild_parameter'),
-    ('torch._utils', '_rebuild_parameter_with_state'), ('torch.nn.parameter', 'Parameter'),
-    ('torch._tensor', '_rebuild_from_type_v2'), ('torch', 'Tensor'), ('torch', 'Size'),
-    ('torch', 'device'), ('torch.storage', 'UntypedStorage'), ('torch', 'UntypedStorage'),
-    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
-    ('numpy', 'dtype'),
-} | {('torch', f'{t}Storage') for t in ('Float', 'Double', 'Half', 'BFloat16', 'Long', 'Int',
-                                         'Short', 'Char', 'Byte', 'Bool')} | {
-    ('torch', t) for t in ('float32', 'float64', 'float16', 'bfloat16', 'int64', 'int32',
-                           'int16', 'int8', 'uint8', 'bool')}
-# The original's own classes that its checkpoints pickle whole (module path, class name).
-_ORIGINAL_CLASSES = {('lib.LinearAverage', 'LinearAverage'), ('lib.NCA', 'NCACrossEntropy'),
-                     ('lib.NCAAverage', 'NCAAverage')}
+def _labels_file(path):
+  if path.endswith('.npy'):
+    return np.load(path).astype(np.int32)
+  return np.loadtxt(path, dtype=np.int64).astype(np.int32).reshape(-1)
 
 
-class PickledModule:
-  """Stands in for a pickled nn.Module of the original's code: its attributes, as a dict."""
-
-  def __init__(self, *args, **kwargs):
-    del args, kwargs
-    self.state = {}
-
-  def __setstate__(self, state):
-    self.state = state
-
-  def buffer(self, name):
-    for holder in (self.state.get('_buffers') or {}, self.state.get('_parameters') or {},
-                   self.state):
-      if name in holder and holder[name] is not None:
-        return holder[name]
-    return None
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-
-  def find_class(self, module, name):
-    # Python 2 names (pickle protocol 2, as torch writes): __builtin__.set -> builtins.set.
-    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-    if (module, name) in _ORIGINAL_CLASSES:
-      return PickledModule
-    if (module, name) in _ALLOWED:
-      return super().find_class(module, name)
-    raise CheckpointError(f'refusing to unpickle {module}.{name}: it is not a tensor, a plain '
-                          f'container or one of the original\'s memory classes, so this file '
-                          f'is not a checkpoint of the original (or it is unsafe)')
+def original_order(records) -> np.ndarray:
+  """For records of a training split (dicts with 'label' and 'file_name' or 'id'), the row of
+  each record in the original's order: torchvision `ImageFolder` order (by class, then by
+  directory and file name, as `sorted(os.walk(...))` and sorted file names give it) where
+  records name their files; the `<split>_<n>` number of TFDS's CIFAR `id`s (the order of
+  the original data batches, torchvision's CIFAR order); else the record order itself."""
+  text = lambda v: v.decode() if isinstance(v, bytes) else str(v)
+  n = len(records)
+  if n and 'file_name' in records[0]:
+    keys = [(int(r['label']),) + os.path.split(text(r['file_name'])) for r in records]
+  elif n and 'id' in records[0] and all(text(r['id']).rpartition('_')[2].isdigit()
+                                        for r in records):
+    keys = [int(text(r['id']).rpartition('_')[2]) for r in records]
+  else:
+    return np.arange(n)
+  rank = np.empty(n, np.int64)
+  rank[sorted(range(n), key=keys.__getitem__)] = np.arange(n)
+  return rank
 
 
-class _RestrictedPickle:
-  """A `pickle_module` for torch.load."""
-  Unpickler = _RestrictedUnpickler
-  __name__ = 'snca_jax_restricted_pickle'
-
-  @staticmethod
-  def load(f, **kwargs):
-    return _RestrictedUnpickler(f, **kwargs).load()
-
-
-def load_torch_checkpoint(path: str):
-  """The checkpoint at `path`, read with the restricted unpickler (no code of the original)."""
-  try:
-    import torch
-  except ImportError as e:
-    raise ConfigError('reading .pth files needs torch: pip install ".[convert]" '
-                      '(or torch==2.13.0, the CPU build)') from e
-  if not os.path.isfile(path):
-    raise CheckpointError(f'{path} does not exist: give the path of a .pth / .pth.tar file')
-  try:
-    return torch.load(path, map_location='cpu', pickle_module=_RestrictedPickle,
-                      weights_only=False)
-  except CheckpointError:
-    raise
-  except Exception as e:
-    raise CheckpointError(f'{path} could not be read as a PyTorch checkpoint '
-                          f'({type(e).__name__}: {e})') from e
-
-
-def _np(t):
-  return t.detach().cpu().numpy() if hasattr(t, 'detach') else np.asarray(t)
-
-
-def split_checkpoint(obj):
-  """(state_dict, memory module or None, epoch) of the original's dict or a plain state dict."""
-  if isinstance(obj, dict) and 'state_dict' in obj:
-    memory = next((v for v in obj.values() if isinstance(v, PickledModule)
-                   and v.buffer('memory') is not None), None)
-    return obj['state_dict'], memory, int(obj.get('epoch', 0) or 0)
-  if isinstance(obj, dict) and all(hasattr(v, 'shape') for v in obj.values()):
-    return obj, None, 0
-  raise CheckpointError('not a checkpoint of the original (no state_dict) nor a ResNet state '
-                        'dict')
-
-
-_BLOCK = re.compile(r'^layer(\d)\.(\d+)\.(.+)$')
-
-
-def infer_architecture(state_dict):
-  """('resnet50', 'imagenet') or ('cifar_resnet18', 'cifar') etc. from the keys and shapes."""
-  keys = set(state_dict)
-  cifar = any('.shortcut.' in k for k in keys) or 'linear.weight' in keys or (
-      'conv1.weight' in keys and tuple(state_dict['conv1.weight'].shape[2:]) == (3, 3))
-  blocks = {}
-  for k in keys:
-    m = _BLOCK.match(k)
-    if m:
-      blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-  sizes = tuple(len(blocks.get(i, ())) for i in range(1, 5))
-  bottleneck = any(k.endswith('.conv3.weight') for k in keys)
-  from snca_jax import models
-  for depth, (stage_sizes, block) in models._STAGES.items():
-    if tuple(stage_sizes) == sizes and (block is models.Bottleneck) == bottleneck:
-      return (f'cifar_resnet{depth}' if cifar else f'resnet{depth}'), (
-          'cifar' if cifar else 'imagenet')
-  raise CheckpointError(f'not a ResNet of a known depth (blocks per stage {sizes}, '
-                        f'bottleneck={bottleneck})')
-
-
-def _flax_name(torch_name: str):
-  """'layer2.0.downsample.1' / 'layer2.0.shortcut.1' -> ('layer2_0', 'downsample_bn')."""
-  m = _BLOCK.match(torch_name)
-  if not m:
-    return (torch_name,)
-  inner = m.group(3)
-  inner = re.sub(r'^(downsample|shortcut)\.0$', 'downsample_conv', inner)
-  inner = re.sub(r'^(downsample|shortcut)\.1$', 'downsample_bn', inner)
-  return (f'layer{m.group(1)}_{m.group(2)}', inner)
-
-
-def torch_to_flax(state_dict):
-  """(params, batch_stats, head_present) from a torchvision / original-CIFAR state dict."""
-  params, stats = {}, {}
-  head = False
-
-  def put(tree, path, value):
-    for p in path[:-1]:
-      tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-  for key, value in state_dict.items():
-    key = key[len('module.'):] if key.startswith('module.') else key
-    module, _, leaf = key.rpartition('.')
-    v = _np(value).astype(np.float32) if leaf != 'num_batches_tracked' else None
-    if module in ('fc', 'linear'):
-      head = True
-      put(params, ('head', 'kernel' if leaf == 'weight' else 'bias'),
-          v.T if leaf == 'weight' else v)
-      continue
-    path = _flax_name(module)
-    if leaf == 'num_batches_tracked':
-      continue
-    if v.ndim == 4:                                           # conv: OIHW -> HWIO
-      put(params, path + ('kernel',), v.transpose(2, 3, 1, 0))
-    elif leaf == 'weight':
-      put(params, path + ('scale',), v)
-    elif leaf == 'bias':
-      put(params, path + ('bias',), v)
-    elif leaf == 'running_mean':
-      put(stats, path + ('mean',), v)
-    elif leaf == 'running_var':
-      put(stats, path + ('var',), v)
-    else:
-      raise CheckpointError(f'unexpected entry {key} in the state dict')
-  return params, stats, head
-
-
-def _labels(flags_labels, labels_dataset, config):
-  if flags_labels:
-    if flags_labels.endswith('.npy'):
-      return np.load(flags_labels).astype(np.int32)
-    return np.loadtxt(flags_labels, dtype=np.int64).astype(np.int32).reshape(-1)
-  if labels_dataset:
-    from snca_jax.data import pipeline
-    data = config.data.copy_and_resolve_references()
-    data.name = labels_dataset
-    return pipeline.read_labels(pipeline.open_source(data, data.train_split))
-  return None
+def dataset_labels(config, name: str):
+  """(labels in record order, original row of each record) of the training split of dataset
+  `name` (any `data.name`: a TFDS dataset, 'folder' with data.root, 'fashion_mnist')."""
+  from snca_jax.data import folder
+  from snca_jax.data import pipeline
+  data = config.data.copy_and_resolve_references()
+  data.name = name
+  source = pipeline.open_source(data, data.train_split)
+  labels = pipeline.read_labels(source)
+  if isinstance(source, folder.FolderSource):       # ImageFolder order by construction
+    return labels, np.arange(len(labels))
+  records = []
+  for start in range(0, len(source), 4096):
+    records += source.__getitems__(range(start, min(start + 4096, len(source))))
+  return labels, original_order(records)
 
 
 def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_dataset=None,
             init_head=False, seed=0):
   """Converts `src`; returns (step written, summary dict). `config` is the run's config
   (default: configs/imagenet_resnet18.py or cifar10_resnet18.py by the layout); its model,
-  low_dim, temperature and memory momentum are set from the checkpoint."""
+  low_dim, temperature and memory momentum are set from the checkpoint.
+
+  The original's bank is in its own order (ImageFolder's); with `labels_dataset` its rows are
+  put in that dataset's record order, which is this project's bank order. `labels` (a file)
+  is taken to be in the bank's own order. The checkpoint carries no optimizer state of its
+  own and the original's epoch: `train.py` starts a fresh optimizer for its recipe and
+  resumes at that epoch, whatever the recipe's batch size."""
   import jax
   from snca_jax import checkpoint
   from snca_jax import mesh as mesh_lib
@@ -237,11 +101,11 @@ def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_d
   config.model = arch
   bank = None
   if memory is not None:
-    bank = _np(memory.buffer('memory')).astype(np.float32)
+    bank = to_numpy(memory.buffer('memory')).astype(np.float32)
     mem_params = memory.buffer('params')
     if mem_params is not None:
-      config.temperature = float(_np(mem_params)[0])
-      config.memory_momentum = float(_np(mem_params)[1])
+      config.temperature = float(to_numpy(mem_params)[0])
+      config.memory_momentum = float(to_numpy(mem_params)[1])
   if bank is not None:
     config.low_dim = int(bank.shape[1])
   if head and params['head']['kernel'].shape[1] != config.low_dim:
@@ -262,40 +126,38 @@ def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_d
   if want != got:
     raise CheckpointError(f'the weights do not fit {arch}: expected {want}, found {got}')
 
-  bank_labels = _labels(labels, labels_dataset, config)
+  bank_labels, order = None, None
+  if labels:
+    bank_labels = _labels_file(labels)
+  elif labels_dataset:
+    bank_labels, order = dataset_labels(config, labels_dataset)
   if bank is None:
     n = len(bank_labels) if bank_labels is not None else 0
     if n == 0:
       raise CheckpointError('no memory bank in the checkpoint: give --labels or '
                             '--labels_dataset so that a bank of the right size can be made')
     bank = np.asarray(nca.init_bank(jax.random.key(seed), n, config.low_dim))
+  elif order is not None and len(order) == len(bank):
+    bank = bank[order]              # record r of the dataset is the original's row order[r]
   if bank_labels is None:
-    bank_labels = np.full(len(bank), nca.PAD_LABEL, np.int32)
+    bank_labels = np.full(len(bank), state_lib.PAD_LABEL, np.int32)
   if len(bank_labels) != len(bank):
     raise CheckpointError(f'{len(bank_labels)} labels for a bank of {len(bank)} rows: give '
                           f'the labels of the training set the bank was made from')
 
   mesh = mesh_lib.make_mesh()
-  steps_per_epoch = len(bank) // config.batch_size
-  tx = optim.make_optimizer(config, steps_per_epoch)
-  n_pad = mesh_lib.padded_rows(len(bank), mesh)
-  pad = n_pad - len(bank)
-  rep = mesh_lib.replicated(mesh)
-  state = state_lib.TrainState(
-      step=jax.device_put(np.int32(epoch * steps_per_epoch), rep),
-      params=jax.device_put(params, rep),
-      batch_stats=jax.device_put(stats, rep),
-      opt_state=jax.device_put(tx.init(params), rep),
-      bank=jax.device_put(np.pad(bank, ((0, pad), (0, 0))), mesh_lib.rows(mesh)),
-      bank_labels=jax.device_put(np.pad(bank_labels.astype(np.int32), (0, pad),
-                                        constant_values=nca.PAD_LABEL), mesh_lib.rows(mesh)))
+  tx = optim.make_optimizer(config, max(1, len(bank) // config.batch_size))
+  state = state_lib.from_arrays(params=params, batch_stats=stats, bank=bank,
+                                bank_labels=bank_labels, tx=tx, mesh=mesh)
   mngr = checkpoint.manager(checkpoint_dir, max_to_keep=config.checkpoint_max_to_keep)
-  step = int(state.step)
-  checkpoint.save(mngr, step, state, config.to_dict())
+  checkpoint.save(mngr, 0, state, dict(
+      config.to_dict(), num_examples=len(bank),
+      converted={'source': os.path.abspath(src), 'epoch': epoch}))
   mngr.wait_until_finished()
-  return step, {'model': arch, 'layout': layout, 'low_dim': config.low_dim,
-                'temperature': config.temperature, 'bank_rows': len(bank), 'epoch': epoch,
-                'labelled': bool(np.any(bank_labels >= 0)), 'head_initialised': not head}
+  return 0, {'model': arch, 'layout': layout, 'low_dim': config.low_dim,
+             'temperature': config.temperature, 'bank_rows': len(bank), 'epoch': epoch,
+             'labelled': bool(np.any(bank_labels >= 0)), 'head_initialised': not head,
+             'reordered': order is not None and not np.array_equal(order, np.arange(len(bank)))}
 
 
 def main(argv):
@@ -318,7 +180,8 @@ def main(argv):
                          labels_dataset=flags_.labels_dataset, init_head=flags_.init_head)
     print(f"converted {src}: {info['model']} ({info['layout']} layout), {info['low_dim']}-d, "
           f"bank of {info['bank_rows']} rows ({'labelled' if info['labelled'] else 'unlabelled'}"
-          f"), temperature {info['temperature']:g}"
+          f"{', put in the dataset' + chr(39) + 's record order' if info['reordered'] else ''}"
+          f"), temperature {info['temperature']:g}, epoch {info['epoch']}"
           f"{', head initialised at random' if info['head_initialised'] else ''}; "
           f"written to {target}/{step}")
 
@@ -335,8 +198,9 @@ def _define_flags():
   flags.DEFINE_string('checkpoint', None, 'Checkpoints directory to write into instead.')
   flags.DEFINE_string('labels', None, 'Bank labels: a .npy file or a text file of one integer '
                       'per line, in the bank\'s row order.')
-  flags.DEFINE_string('labels_dataset', None, 'Bank labels: the training split of this TFDS '
-                      'dataset (with the config\'s data_dir).')
+  flags.DEFINE_string('labels_dataset', None, 'Bank labels: the training split of this '
+                      'dataset (a TFDS name with the config\'s data_dir, or "folder" with '
+                      '--config.data.root); the bank is put in its record order.')
   flags.DEFINE_bool('init_head', False, 'Initialise the embedding head at random where the '
                     'state dict has none of the right size.')
 

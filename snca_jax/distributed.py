@@ -57,13 +57,6 @@ def to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def gather_host(x: np.ndarray) -> np.ndarray:
-  """Every process's host array, concatenated in process order, on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def put_global(x: np.ndarray, sharding) -> jax.Array:
   """A host array, identical on every process, placed as `sharding` over all devices."""
   x = np.asarray(x)

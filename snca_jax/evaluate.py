@@ -1,4 +1,4 @@
-"""Embedding a dataset with a trained state, and kNN accuracy (SPEC.md, "kNN evaluation")."""
+"""Embedding a dataset with a trained state, and kNN accuracy (docs/METHOD.md, "kNN evaluation")."""
 
 import functools
 import os
@@ -12,8 +12,9 @@ from snca_jax import distributed
 from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 from snca_jax import models
+from snca_jax import state as state_lib
 from snca_jax.data import pipeline
-from snca_jax.errors import CheckpointError
+from snca_jax.errors import CheckpointError, ConfigError
 
 
 def transform(config, kind: str) -> pipeline.Transform:
@@ -43,10 +44,13 @@ def embed_dataset(variables, model, source, *, data_config, transform, mesh, bat
                                      process_count=jax.process_count(),
                                      num_threads=data_config.num_threads,
                                      worker_count=data_config.worker_count):
-    images = jax.make_array_from_process_local_data(rows, batch['image'])
-    out['features'].append(distributed.to_host(fn(variables, images)))
-    for key in ('label', 'index', 'mask'):   # every process's share, for every process
-      out[key].append(distributed.gather_host(batch[key]))
+    # Every field becomes a global array the same way, so that features, labels, positions and
+    # masks come back in one order, the mesh's, whatever order its devices take the processes.
+    glob = {k: jax.make_array_from_process_local_data(rows, batch[k])
+            for k in ('image', 'label', 'index', 'mask')}
+    out['features'].append(distributed.to_host(fn(variables, glob.pop('image'))))
+    for key, value in glob.items():
+      out[key].append(distributed.to_host(value))
   out = {k: np.concatenate(v) for k, v in out.items()}
   mask = out['mask']
   return out['features'][mask], out['label'][mask], out['index'][mask]
@@ -60,6 +64,43 @@ def knn_accuracy(queries, query_labels, bank, bank_labels, *, k, sigma, num_clas
   return knn.top_k_accuracy(scores, query_labels, ks=ks)
 
 
+class KnnEvaluator:
+  """Weighted kNN of a run's evaluation split (docs/METHOD.md): built once from the config,
+  `run(variables, bank, bank_labels)` embeds the split with the evaluation transform and
+  returns {'top1': .., 'top5': ..} against that database. The per-epoch monitor (k=1, the
+  original's 1-NN; or the config's k) and eval_knn.py are both this.
+
+  `embed(variables, split)` gives (features, labels, record positions) of any split, in
+  order: what `--recompute` searches instead of the bank.
+  """
+
+  def __init__(self, config, mesh, *, k=None, sigma=None, batch_size=None, ks=(1, 5)):
+    self.config, self.mesh, self.ks = config, mesh, ks
+    self.k = int(k or config.knn.k)
+    self.sigma = float(sigma or config.knn.sigma or config.temperature)
+    self.batch_size = int(batch_size or config.knn.batch_size)
+    self.model = models.model_from_config(config)
+    self.transform = transform(config, config.data.eval_augment)
+    self._sources = {}
+
+  def source(self, split):
+    if split not in self._sources:
+      self._sources[split] = pipeline.open_source(self.config.data, split)
+    return self._sources[split]
+
+  def embed(self, variables, split):
+    return embed_dataset(variables, self.model, self.source(split),
+                         data_config=self.config.data, transform=self.transform,
+                         mesh=self.mesh, batch_size=self.batch_size)
+
+  def run(self, variables, bank, bank_labels) -> dict:
+    queries, labels, _ = self.embed(variables, self.config.data.eval_split)
+    acc = knn_accuracy(queries, labels, bank, bank_labels, k=self.k, sigma=self.sigma,
+                       num_classes=self.config.data.num_classes, mesh=self.mesh,
+                       ks=self.ks, batch_size=self.batch_size)
+    return {f'top{k}': v for k, v in acc.items()} | {'num_queries': len(queries)}
+
+
 def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch_size=None,
                         data_overrides=None):
   """Weighted kNN top-1 / top-5 of the evaluation split for the checkpoint at `path` (a
@@ -68,6 +109,11 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   The database is the checkpoint's bank, or with `recompute` the training set re-embedded with
   the evaluation transform. k and sigma default to the run's config (sigma: its temperature).
   """
+  for name, value, ok in (('k', k, lambda v: v >= 1), ('sigma', sigma, lambda v: v > 0),
+                          ('batch_size', batch_size, lambda v: v >= 1)):
+    if value is not None and not ok(value):
+      raise ConfigError(f'--{name}={value} cannot work: give a k and batch size of at least 1 '
+                        f'and a sigma above 0')
   ckpt_dir, step = checkpoint.locate(path)
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f'no checkpoint at {path}: pass the --workdir of a training run, '
@@ -81,31 +127,19 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   mesh = mesh_lib.make_mesh()
   try:
     config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
-    state = checkpoint.restore_as_saved(mngr, step, mesh)
+    state = state_lib.restore_as_saved(mngr, step, mesh)
   except Exception as e:
     raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
                           f'{str(e)[:200]}): evaluate an earlier step with --checkpoint') from e
   for key, value in (data_overrides or {}).items():
     if value:
       config.data[key] = value
-  k = k or config.knn.k
-  sigma = sigma or config.knn.sigma or config.temperature
-  batch_size = batch_size or config.knn.batch_size
-  model = models.model_from_config(config)
-  params = {'params': state['params'], 'batch_stats': state['batch_stats']}
-  eval_transform = transform(config, config.data.eval_augment)
-  queries, labels, _ = embed_dataset(params, model,
-                                     pipeline.open_source(config.data, config.data.eval_split),
-                                     data_config=config.data, transform=eval_transform,
-                                     mesh=mesh, batch_size=batch_size)
+  evaluator = KnnEvaluator(config, mesh, k=k, sigma=sigma, batch_size=batch_size)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   if recompute:
-    bank, bank_labels, _ = embed_dataset(
-        params, model, pipeline.open_source(config.data, config.data.train_split),
-        data_config=config.data, transform=eval_transform, mesh=mesh, batch_size=batch_size)
+    bank, bank_labels, _ = evaluator.embed(variables, config.data.train_split)
   else:
     bank, bank_labels = state['bank'], state['bank_labels']
-  acc = knn_accuracy(queries, labels, bank, bank_labels, k=k, sigma=sigma,
-                     num_classes=config.data.num_classes, mesh=mesh, batch_size=batch_size)
-  return {'step': int(step), 'k': int(k), 'sigma': float(sigma),
-          'database': 'recomputed' if recompute else 'bank', 'num_queries': int(len(queries)),
-          'top1': acc[1], 'top5': acc[5]}
+  result = evaluator.run(variables, bank, bank_labels)
+  return {'step': int(step), 'k': evaluator.k, 'sigma': evaluator.sigma,
+          'database': 'recomputed' if recompute else 'bank', **result}

@@ -1,4 +1,4 @@
-"""Weighted kNN classification against a row-sharded bank (SPEC.md, "kNN evaluation").
+"""Weighted kNN classification against a row-sharded bank (docs/METHOD.md, "kNN evaluation").
 
 For each query q, the K bank rows of highest cosine similarity (dot product) vote for their
 label with weight exp(sim / sigma); the class scores are the summed votes.
@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from snca_jax import distributed
 from snca_jax import mesh as mesh_lib
+from snca_jax import state as state_lib
 
 
 def _block_top_k(sims, k, block=32):
@@ -112,10 +113,9 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   host = lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
-  pad = mesh_lib.padded_rows(bank.shape[0], mesh) - bank.shape[0]
-  if pad:   # rows that do not split evenly over this mesh: pad with rows that never vote
-    bank = np.concatenate([host(bank), np.zeros((pad, bank.shape[1]), bank.dtype)])
-    bank_labels = np.concatenate([host(bank_labels), np.full(pad, -1, np.int32)])
+  rows = state_lib.num_rows(bank.shape[0], mesh)
+  if rows != bank.shape[0]:   # rows that do not split evenly over this mesh: pad, never voting
+    bank, bank_labels = state_lib.pad_bank(host(bank), host(bank_labels), rows)
 
   def place(x):
     if isinstance(x, jax.Array):        # a global array: resharded if it lives otherwise

@@ -1,4 +1,4 @@
-"""ResNet backbones with an L2-normalised embedding head (SPEC.md, "Model").
+"""ResNet backbones with an L2-normalised embedding head (docs/METHOD.md, "Model").
 
 The ImageNet variants follow torchvision's layout exactly (7x7 stride-2 stem with padding 3,
 3x3 stride-2 max-pool with padding 1, stride on the 3x3 conv of a bottleneck, 1x1 projection
@@ -14,6 +14,7 @@ import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from snca_jax.errors import ConfigError
@@ -21,8 +22,54 @@ from snca_jax.errors import ConfigError
 # BatchNorm as in torchvision: momentum 0.1 in PyTorch terms is 0.9 in Flax terms, eps 1e-5.
 _BN_MOMENTUM = 0.9
 _BN_EPSILON = 1e-5
-# torchvision initialises convolutions with kaiming_normal_(mode='fan_out', nonlinearity='relu').
-_conv_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# Initialisations, by name (config field `model_init`):
+#   'torchvision': convolutions kaiming_normal_(mode='fan_out', nonlinearity='relu'), as
+#                  torchvision's ResNets; the head Flax's default.
+#   'pytorch':     PyTorch's defaults, which the original's CIFAR ResNet keeps: convolution and
+#                  linear weights and biases uniform in +-1/sqrt(fan_in); BatchNorm scale 1.
+#                  (PyTorch 0.4, which the original ran on, drew the BatchNorm scale uniformly
+#                  from [0, 1); today's default, 1, is used.)
+INITS = ('torchvision', 'pytorch')
+_torch_uniform = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def _conv_init(init: str):
+  return (_torch_uniform if init == 'pytorch'
+          else nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+
+
+class GroupBatchNorm(nn.Module):
+  """BatchNorm whose statistics are computed separately over `groups` equal, contiguous parts
+  of the batch: with the batch split over devices, each device's own rows, as the original's
+  `nn.DataParallel` did per GPU. The running statistics follow the first part's (the module on
+  GPU 0 is the one DataParallel keeps). Variables are named as nn.BatchNorm's."""
+  groups: int
+  use_running_average: bool
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((c,), jnp.float32))
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+      y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+    else:
+      g = x.reshape(self.groups, x.shape[0] // self.groups, -1, c).astype(jnp.float32)
+      mean = g.mean(axis=(1, 2))                                     # (groups, C)
+      var = jnp.maximum((g * g).mean(axis=(1, 2)) - mean * mean, 0.0)
+      y = (g - mean[:, None, None]) * jax.lax.rsqrt(var[:, None, None] + self.epsilon)
+      y = y.reshape(x.shape)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean[0]
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var[0]
+    return (y * scale + bias).astype(self.dtype)
 
 
 def _pad(k: int):
@@ -83,6 +130,9 @@ class ResNet(nn.Module):
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
     stem_width: channels of the stem convolution.
     dtype: compute dtype; parameters stay float32.
+    init_scheme: 'torchvision' or 'pytorch' (see INITS).
+    bn_groups: BatchNorm statistics over this many equal parts of the batch (1: the whole
+      batch; the device count: per device, as the original's DataParallel).
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -91,14 +141,21 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   stem_width: int = 64
   dtype: Any = jnp.float32
+  init_scheme: str = 'torchvision'
+  bn_groups: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=_conv_init)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                             dtype=self.dtype, param_dtype=jnp.float32)
+                             param_dtype=jnp.float32, kernel_init=_conv_init(self.init_scheme))
+    if self.bn_groups > 1:
+      norm = functools.partial(GroupBatchNorm, groups=self.bn_groups,
+                               use_running_average=not train, momentum=_BN_MOMENTUM,
+                               epsilon=_BN_EPSILON, dtype=self.dtype)
+    else:
+      norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+                               momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
+                               dtype=self.dtype, param_dtype=jnp.float32)
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.stem_width, (7, 7), 2, padding=_pad(7), name='conv1')(x)
@@ -115,7 +172,14 @@ class ResNet(nn.Module):
         x = self.block_cls(width, strides, conv=conv, norm=norm,
                            name=f'layer{i + 1}_{j}')(x)
     x = jnp.mean(x, axis=(1, 2))  # global average pool (= avg_pool2d(4) on a 4x4 map)
-    x = nn.Dense(self.low_dim, dtype=self.dtype, param_dtype=jnp.float32, name='head')(x)
+    dense = {}
+    if self.init_scheme == 'pytorch':
+      bound = 1 / x.shape[-1] ** 0.5
+      dense = dict(kernel_init=_torch_uniform,
+                   bias_init=lambda key, shape, dtype: jax.random.uniform(
+                       key, shape, dtype, -bound, bound))
+    x = nn.Dense(self.low_dim, dtype=self.dtype, param_dtype=jnp.float32, name='head',
+                 **dense)(x)
     return l2_normalize(x.astype(jnp.float32))
 
 
@@ -150,15 +214,19 @@ MODELS['tiny_resnet'] = functools.partial(
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
-def model_from_config(config) -> ResNet:
-  """The model of a run's config (`model`, `low_dim`, `dtype`)."""
+def model_from_config(config, num_devices: int = 1) -> ResNet:
+  """The model of a run's config (`model`, `low_dim`, `dtype`, `model_init`, and with
+  `bn_per_device` BatchNorm statistics per device of `num_devices`)."""
   if config.dtype not in DTYPES:
     raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
-  return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype])
+  return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype],
+                      init=config.get('model_init', 'torchvision'),
+                      bn_groups=num_devices if config.get('bn_per_device') else 1)
 
 
-def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32) -> ResNet:
+def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32,
+                 init: str = 'torchvision', bn_groups: int = 1) -> ResNet:
   """The model called `name` (see MODELS) with an embedding of size `low_dim`."""
   if name not in MODELS:
     raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(sorted(MODELS))}')
-  return MODELS[name](low_dim=low_dim, dtype=dtype)
+  return MODELS[name](low_dim=low_dim, dtype=dtype, init_scheme=init, bn_groups=bn_groups)

@@ -1,4 +1,4 @@
-"""The NCA objective against the augmented memory (SPEC.md, "Memory bank" and "NCA loss").
+"""The NCA objective against the augmented memory (docs/METHOD.md, "Memory bank" and "NCA loss").
 
 For a batch of unit embeddings f_i (dataset indices idx_i, labels y_i), a bank of N rows and a
 temperature T:
@@ -58,7 +58,7 @@ def _masked_logsumexp(s, mask):
 
 
 def nca_log_probs(features, indices, bank, bank_labels, *, temperature, margin=0.0):
-  """log p_i of SPEC.md and whether p_i > 0, both of shape (B,).
+  """log p_i of docs/METHOD.md and whether p_i > 0, both of shape (B,).
 
   The dense reference: it builds the whole (B, N) similarity matrix. The batch's labels are
   the bank's labels at `indices`.
@@ -80,7 +80,7 @@ def nca_log_probs(features, indices, bank, bank_labels, *, temperature, margin=0
 
 
 def nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0):
-  """The NCA loss of SPEC.md (a scalar), against the bank before this step's update."""
+  """The NCA loss of docs/METHOD.md (a scalar), against the bank before this step's update."""
   log_p, valid = nca_log_probs(features, indices, bank, bank_labels,
                                temperature=temperature, margin=margin)
   return -jnp.sum(jnp.where(valid, log_p, 0.0)) / features.shape[0]
@@ -101,7 +101,7 @@ def update_bank(bank, indices, features, momentum):
 # N_i = Z_i - P_i, and the gradient into the two softmax-weighted means of bank rows
 #     Gp_i = sum_{j same} (e_ij / P_i) bank[j],     Gn_i = sum_{j other} (e_ij / N_i) bank[j].
 # With p_i = P'_i / Z'_i, differentiating -log p_i through s_ij = f_i . bank[j] / T gives
-#     d(-log p_i)/df_i = (1 - p_i) (Gn_i - Gp_i) / T            (any margin; SPEC.md's closed
+#     d(-log p_i)/df_i = (1 - p_i) (Gn_i - Gp_i) / T            (any margin; docs/METHOD.md's closed
 #                                                               form for margin 0 rearranged)
 # so one pass over the bank that accumulates, per example, (max, sum, weighted row sum) for the
 # same-class and the other-class rows yields both the loss and its feature gradient.
@@ -146,7 +146,7 @@ def _device_pass(features, indices, bank, bank_labels, momentum, *, temperature,
 
   With `update`, the batch's rows are written first, in place (so that the bank, donated, is
   never copied), the scan skips them, and they are counted afterwards at the values they had
-  before the step: the loss is still the one against the bank before the update (SPEC.md).
+  before the step: the loss is still the one against the bank before the update (docs/METHOD.md).
   """
   rows, dim = bank.shape
   batch = features.shape[0]
@@ -268,7 +268,7 @@ def _call(features, indices, bank, bank_labels, momentum, update, temperature, m
 
 def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0, mesh,
                        chunk_size=None, matmul_dtype=jnp.float32):
-  """The NCA loss of SPEC.md, equal to `nca_loss`, in one streaming pass over a row-sharded
+  """The NCA loss of docs/METHOD.md, equal to `nca_loss`, in one streaming pass over a row-sharded
   bank that also yields the feature gradient. `bank` (N, D) and `bank_labels` (N,) are sharded
   by rows over `mesh`'s data axis; `features` (B, D) and `indices` (B,) are replicated by it.
   `matmul_dtype=jnp.bfloat16` runs both matrix products in bfloat16 with float32 accumulation.

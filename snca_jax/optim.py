@@ -1,4 +1,4 @@
-"""The optimizer and the two schedules of the original's recipes (SPEC.md).
+"""The optimizer and the two schedules of the original's recipes (docs/METHOD.md).
 
 - SGD with Nesterov momentum and coupled weight decay, as torch.optim.SGD: the decay is added to
   the gradient before the momentum, and applies to every parameter.

@@ -3,12 +3,11 @@
 Each step embeds the batch, takes the NCA loss against the bank as it was before the step,
 updates the network (SGD, Nesterov, weight decay; accumulated over `grad_accum_steps` batches),
 then writes the batch's fresh embeddings into its bank rows with the memory momentum
-(SPEC.md). After each epoch the loop measures 1-NN accuracy of the validation set against the
+(docs/METHOD.md). After each epoch the loop measures 1-NN accuracy of the validation set against the
 bank and checkpoints the whole state; a rerun of the same command resumes from the latest
 checkpoint at the exact batch where it stopped.
 """
 
-import functools
 import logging
 import math
 import os
@@ -18,7 +17,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -33,6 +31,7 @@ from snca_jax import models
 from snca_jax import nca
 from snca_jax import optim
 from snca_jax import state as state_lib
+from snca_jax import validate
 from snca_jax.data import pipeline
 from snca_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 
@@ -77,19 +76,6 @@ def device_batch(batch, mesh):
   """This process's share of a global batch -> global arrays sharded over 'data'."""
   rows = mesh_lib.rows(mesh)
   return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in ('image', 'index')}
-
-
-def nn_monitor(state, model, eval_source, config, mesh):
-  """1-NN top-1 of the validation set against the bank (the original's training monitor)."""
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  feats, labels, _ = evaluate.embed_dataset(
-      variables, model, eval_source, data_config=config.data,
-      transform=evaluate.transform(config, config.data.eval_augment), mesh=mesh,
-      batch_size=config.knn.batch_size)
-  acc = evaluate.knn_accuracy(feats, labels, state.bank, state.bank_labels, k=1,
-                              sigma=config.temperature, num_classes=config.data.num_classes,
-                              mesh=mesh, ks=(1,), batch_size=config.knn.batch_size)
-  return acc[1]
 
 
 def check_labels(labels, num_classes: int, what: str):
@@ -150,63 +136,15 @@ def _check_workdir(workdir: str):
                           f'--workdir') from e
 
 
-def _restore(mngr, step: int, abstract, config, num_examples: int, workdir: str):
-  """The checkpointed state, after checking that it belongs to this config."""
-  where = os.path.join(checkpoint.checkpoint_dir(workdir), str(step))
-  try:
-    saved = checkpoint.restore_config(mngr, step)
-    saved_rows = mngr.item_metadata(step)['state'].tree['bank'].shape[0]
-  except Exception as e:
-    raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}): move it '
-                          f'away to resume from an earlier one, or use a new --workdir') from e
-  for key in ('model', 'low_dim'):
-    if saved.get(key) != config[key]:
-      raise CheckpointError(
-          f'checkpoint {where} has {key}={saved.get(key)!r} but the config has '
-          f'{key}={config[key]!r}: use the same config to resume, or a new --workdir')
-  if saved_rows < num_examples or saved_rows >= num_examples + abstract.bank.sharding.mesh.size:
-    raise CheckpointError(
-        f'checkpoint {where} has a bank of {saved_rows} rows but the training set has '
-        f'{num_examples} examples: resume with the same dataset, or use a new --workdir')
-  try:
-    if saved_rows == abstract.bank.shape[0]:
-      return checkpoint.restore_state(mngr, step, abstract)
-    return _restore_repadded(mngr, step, abstract, saved_rows, num_examples)
-  except Exception as e:
-    raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
-                          f'{str(e)[:200]}): move it away to resume from an earlier one, or '
-                          f'use a new --workdir') from e
-
-
-def _restore_repadded(mngr, step, abstract, saved_rows, num_examples):
-  """A checkpoint written on another number of devices pads the bank to another length:
-  restore it at its own length, then re-pad it for this mesh."""
-  mesh = abstract.bank.sharding.mesh
-  fits = saved_rows % mesh.size == 0
-  as_saved = lambda a: jax.ShapeDtypeStruct(
-      (saved_rows, *a.shape[1:]), a.dtype,
-      sharding=mesh_lib.rows(mesh) if fits else mesh_lib.replicated(mesh))
-  state = checkpoint.restore_state(mngr, step, abstract.replace(
-      bank=as_saved(abstract.bank), bank_labels=as_saved(abstract.bank_labels)))
-  pad = abstract.bank.shape[0] - num_examples
-
-  @functools.partial(jax.jit, out_shardings=(mesh_lib.rows(mesh),) * 2)
-  def repad(bank, labels):
-    return (jnp.pad(bank[:num_examples], ((0, pad), (0, 0))),
-            jnp.pad(labels[:num_examples], (0, pad), constant_values=nca.PAD_LABEL))
-
-  bank, labels = repad(state.bank, state.bank_labels)
-  return state.replace(bank=bank, bank_labels=labels)
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the state."""
+  validate.check_config(config)
   _check_workdir(workdir)
   mesh = mesh_lib.make_mesh()
   _check_config(config, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
   train_source = pipeline.open_source(config.data, config.data.train_split)
-  eval_source = pipeline.open_source(config.data, config.data.eval_split)
+  pipeline.open_source(config.data, config.data.eval_split)      # present before any step
   if not config.data.num_classes:          # 0: as many as the dataset declares
     config.data.num_classes = pipeline.num_classes(train_source) or 0
     if not config.data.num_classes:
@@ -219,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                       f'examples')
   total_steps = steps_per_epoch * config.num_epochs
 
-  model = models.model_from_config(config)
+  model = models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, steps_per_epoch)
   abstract = state_lib.abstract_train_state(
       model, tx, image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim,
@@ -229,7 +167,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                             max_to_keep=config.checkpoint_max_to_keep)
   latest = mngr.latest_step()
   if latest is not None:
-    state = _restore(mngr, latest, abstract, config, num_examples, workdir)
+    state = state_lib.restore(mngr, latest, abstract, config=config, num_examples=num_examples,
+                              tx=tx, steps_per_epoch=steps_per_epoch)
     log.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), latest)
   else:
     bank_labels = pipeline.read_labels(train_source)
@@ -241,9 +180,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   train_step = make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                shardings=shardings, mesh=mesh)
   writer = metrics_lib.MetricWriter(workdir)
-  checkpoint_config = config.to_dict()
+  checkpoint_config = dict(config.to_dict(), num_examples=num_examples)
   train_transform = evaluate.transform(config, config.data.train_augment)
   stop = StopRequest(check_every=config.get('stop_check_steps', 10))
+  # The per-epoch monitor against the bank: the original's 1-NN (main.py), or weighted kNN with
+  # the config's k (cifar.py); the best epoch's state is kept beside the latest.
+  one_nn = config.monitor == '1nn'
+  monitor = evaluate.KnnEvaluator(config, mesh, k=1 if one_nn else None,
+                                  ks=(1,) if one_nn else (1, 5))
+  monitor_name = 'val/nn_top1' if one_nn else f'val/knn{monitor.k}_top1'
+  best = checkpoint.BestCheckpoint(workdir) if config.keep_best else None
   step = int(state.step)
   try:
     while step < total_steps:
@@ -276,16 +222,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 f'checkpoint written to {checkpoint.checkpoint_dir(workdir)}; run the same '
                 f'command to resume', flush=True)
         return state
-      acc = nn_monitor(state, model, eval_source, config, mesh)
-      writer.write(step, {'val/nn_top1': acc, 'epoch': epoch + 1})
-      if pid == 0:
-        print(f'epoch {epoch + 1}/{config.num_epochs}: 1-NN top-1 {100 * acc:.2f}% '
-              f'({len(eval_source)} {config.data.eval_split} images against the bank)',
-              flush=True)
+      result = monitor.run({'params': state.params, 'batch_stats': state.batch_stats},
+                           state.bank, state.bank_labels)
+      acc = result['top1']
+      writer.write(step, {monitor_name: acc, 'epoch': epoch + 1})
       checkpoint.save(mngr, step, state, checkpoint_config)
+      improved = best is not None and best.offer(step, state, acc, checkpoint_config)
+      if pid == 0:
+        what = '1-NN' if one_nn else f'weighted {monitor.k}-NN'
+        print(f'epoch {epoch + 1}/{config.num_epochs}: {what} top-1 {100 * acc:.2f}% '
+              f'({result["num_queries"]} {config.data.eval_split} images against the bank)'
+              f'{"; best so far, kept in " + os.path.join(workdir, "best") if improved else ""}',
+              flush=True)
   finally:
     stop.close()
     mngr.wait_until_finished()
+    if best is not None:
+      best.close()
     writer.close()
   return state
 

@@ -114,13 +114,24 @@ def image_tree(tmp_path_factory):
   return root
 
 
+@pytest.fixture(scope='session')
+def photos_tfds(image_tree, tmp_path_factory):
+  """A TFDS data dir holding `photos_tfds`: image_tree's files, records in shuffled order."""
+  import fake_tfds
+  data_dir = str(tmp_path_factory.mktemp('tfds_photos'))
+  fake_tfds.PhotosTfds.ROOT = image_tree
+  fake_tfds.PhotosTfds(data_dir=data_dir, file_format='array_record').download_and_prepare()
+  return data_dir
+
+
 def final_state(workdir):
   """(latest step, {leaf path: array}) of a workdir's latest checkpoint, on one device."""
   from snca_jax import checkpoint
   from snca_jax import mesh as mesh_lib
+  from snca_jax import state as state_lib
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
   step = mngr.latest_step()
-  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  state = state_lib.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
   return step, {jax.tree_util.keystr(k): np.asarray(v)
                 for k, v in jax.tree_util.tree_leaves_with_path(state)}
 

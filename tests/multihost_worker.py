@@ -26,6 +26,8 @@ p.add_argument('--out', required=True)
 p.add_argument('--epochs', type=int, default=2)
 p.add_argument('--eval_only', action='store_true')
 p.add_argument('--folder_root', default='', help='train on this image folder instead')
+p.add_argument('--interleaved_eval', action='store_true',
+               help='embed the eval split on a mesh whose devices alternate between processes')
 args = p.parse_args()
 
 import jax  # noqa: E402
@@ -59,6 +61,36 @@ def tiny_config():
   return c
 
 
+def interleaved_eval(out):
+  """Embeds the eval split of the checkpoint on the usual mesh and on one whose device order
+  alternates between processes (as a TPU slice's can): features, labels, positions and masks
+  must come back in one order on both."""
+  import ml_collections
+  from snca_jax import checkpoint, mesh as mesh_lib, models, state as state_lib
+  from snca_jax.data import pipeline
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(args.workdir), read_only=True)
+  step = mngr.latest_step()
+  config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  plain = mesh_lib.make_mesh()
+  by_process = [[d for d in jax.devices() if d.process_index == p]
+                for p in range(jax.process_count())]
+  interleaved = mesh_lib.make_mesh([d for group in zip(*by_process) for d in group])
+  assert [d.process_index for d in interleaved.devices.flat] != sorted(
+      d.process_index for d in interleaved.devices.flat)
+  saved = state_lib.restore_as_saved(mngr, step, plain)
+  variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
+  source = pipeline.open_source(config.data, config.data.eval_split)
+  kw = dict(data_config=config.data, transform=evaluate.transform(config, 'none'),
+            batch_size=16)
+  fa, la, ia = evaluate.embed_dataset(variables, models.model_from_config(config), source,
+                                      mesh=plain, **kw)
+  fb, lb, ib = evaluate.embed_dataset(variables, models.model_from_config(config), source,
+                                      mesh=interleaved, **kw)
+  out['interleaved_feature_diff'] = np.asarray(np.abs(fa - fb).max())
+  out['interleaved_same_order'] = np.asarray(np.array_equal(la, lb) and np.array_equal(ia, ib)
+                                             and np.array_equal(ia, np.arange(len(source))))
+
+
 def main():
   assert jax.process_count() == args.num_processes
   assert len(jax.devices()) == args.devices * args.num_processes
@@ -71,6 +103,8 @@ def main():
     out['bank'] = distributed.to_host(state.bank)
     out['bank_labels'] = distributed.to_host(state.bank_labels)
     out['step'] = np.asarray(int(state.step))
+  if args.interleaved_eval:
+    interleaved_eval(out)
   result = evaluate.evaluate_checkpoint(args.workdir)
   out['knn_top1'], out['knn_top5'] = np.asarray(result['top1']), np.asarray(result['top5'])
   if jax.process_index() == 0:

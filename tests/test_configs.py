@@ -1,4 +1,4 @@
-"""Every config loads, names a known model, and carries the original's recipe (SPEC.md)."""
+"""Every config loads, names a known model, and carries the original's recipe (docs/METHOD.md)."""
 
 import importlib
 

@@ -50,3 +50,53 @@ def test_cifar_resnet18_keeps_resolution_until_stage_2():
 def test_unknown_model_is_a_clear_error():
   with pytest.raises(ValueError, match='unknown model'):
     models.create_model('resnet19')
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_pytorch_default_initialisation():
+  """The original's CIFAR ResNet keeps PyTorch's defaults: conv and linear weights (and the
+  linear bias) uniform in +-1/sqrt(fan_in), BatchNorm scale 1 and bias 0."""
+  x = np.zeros((1, 32, 32, 3), np.float32)
+  torch_like = models.create_model('cifar_resnet18', init='pytorch').init(jax.random.key(0), x)
+  default = models.create_model('cifar_resnet18').init(jax.random.key(0), x)
+  for name, w in _leaves(torch_like['params']).items():
+    if name.endswith("['kernel']"):
+      fan_in = int(np.prod(w.shape[:-1]))
+      bound = 1 / np.sqrt(fan_in)
+      assert bound * 0.9 < np.abs(w).max() <= bound * (1 + 1e-6), name
+      if w.size > 10000:
+        assert abs(w.std() - bound / np.sqrt(3)) < 0.02 * bound, name
+    elif 'bn' in name and name.endswith("['scale']"):
+      assert np.all(w == 1), name
+  head_bias = torch_like['params']['head']['bias']
+  assert np.abs(head_bias).max() > 0 and np.abs(head_bias).max() <= 1 / np.sqrt(512)
+  conv = np.asarray(default['params']['layer2_0']['conv1']['kernel'])     # He normal, fan_out
+  assert abs(conv.std() - np.sqrt(2 / (3 * 3 * 128))) < 0.05 * np.sqrt(2 / (3 * 3 * 128))
+
+
+def test_batchnorm_per_device_groups():
+  """bn_groups=G: statistics over each of G equal parts of the batch, as DataParallel's per-GPU
+  BatchNorm; the running statistics follow the first part's."""
+  x = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32) * np.arange(
+      1, 9, dtype=np.float32)[:, None, None, None]
+  grouped = models.create_model('tiny_resnet', bn_groups=4)
+  whole = models.create_model('tiny_resnet')
+  variables = whole.init(jax.random.key(0), x[:1])
+  assert jax.tree.structure(grouped.init(jax.random.key(0), x[:1])) == jax.tree.structure(
+      variables)
+  out, updates = grouped.apply(variables, x, train=True, mutable=['batch_stats'])
+  for g in range(4):
+    part, part_updates = whole.apply(variables, x[2 * g:2 * g + 2], train=True,
+                                     mutable=['batch_stats'])
+    np.testing.assert_allclose(np.asarray(out[2 * g:2 * g + 2]), np.asarray(part), atol=2e-5)
+    if g == 0:
+      for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(part_updates)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  full, _ = whole.apply(variables, x, train=True, mutable=['batch_stats'])
+  assert np.abs(np.asarray(full) - np.asarray(out)).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(grouped.apply(variables, x)),
+                             np.asarray(whole.apply(variables, x)), atol=1e-6)

@@ -82,6 +82,16 @@ def test_two_process_checkpoint_restores_in_one_process(runs, fake_data_config):
   assert int(resumed['step']) == 18
 
 
+def test_evaluation_on_a_mesh_that_interleaves_processes(runs, fake_data_config):
+  """Features and labels come back in one order when the mesh's device order alternates
+  between the processes (process 0, 1, 0, 1)."""
+  tmp, _, _ = runs
+  out = launch(2, 2, tmp / 'multi', tmp / 'interleaved.npz', fake_data_config.data,
+               '--eval_only', '--interleaved_eval')
+  assert bool(out['interleaved_same_order'])
+  assert float(out['interleaved_feature_diff']) < 1e-5
+
+
 def test_process_zero_prepares_an_image_folder_while_the_other_waits(fake_data_config,
                                                                      tmp_path):
   """Two processes start on an image folder nobody has prepared: it is prepared once (by

@@ -1,4 +1,4 @@
-"""nca_loss / update_bank against an independent float64 NumPy evaluation of SPEC.md."""
+"""nca_loss / update_bank against an independent float64 NumPy evaluation of docs/METHOD.md."""
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +11,7 @@ from snca_jax import nca
 
 
 def reference(f, idx, bank, bank_labels, temperature, margin=0.0):
-  """SPEC.md's formulas, literally, in float64: (loss, dloss/df)."""
+  """docs/METHOD.md's formulas, literally, in float64: (loss, dloss/df)."""
   f = np.asarray(f, np.float64)
   bank = np.asarray(bank, np.float64)
   bank_labels = np.asarray(bank_labels)
@@ -69,7 +69,7 @@ def test_matches_reference(margin, unit_bank):
 
 
 def test_margin_zero_gradient_formula():
-  """SPEC.md's closed form of dloss/df_i for margin 0."""
+  """docs/METHOD.md's closed form of dloss/df_i for margin 0."""
   f, idx, bank, labels = make_problem(1)
   T = 0.05
   _, grad = loss_and_grad(f, idx, bank, labels, temperature=T)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -111,7 +112,7 @@ def assert_one_line_error(r, *fragments):
 
 
 @pytest.mark.parametrize('extra,fragments', [
-    (['--config.model=resnet9'], ['unknown model']),
+    (['--config.model=resnet9'], ["model='resnet9': one of"]),
     (['--config.model=small_resnet'], ["model='tiny_resnet'", "model='small_resnet'"]),
     (['--config.batch_size=6'], ['batch_size 6', 'divisible by the 4 devices']),
     (['--config.low_dim=32'], ['low_dim=16', 'low_dim=32']),
@@ -149,6 +150,40 @@ def test_missing_dataset(tmp_path, fake_data_config):
                     f'--config.data.idx_dir={tmp_path / "none"}',
                     f'--config.data.data_dir={tmp_path / "tfds"}', '--config.data.download=false'))
   assert_one_line_error(r, 'Fashion-MNIST not found', 'dataset-fashion-mnist')
+
+
+def test_missing_dataset_and_no_network_fails_in_seconds(tmp_path, fake_data_config):
+  """With the IDX files missing and the download host out of reach (as on this machine), the
+  run says so at once instead of retrying the download for minutes."""
+  from snca_jax.data import fashion_mnist, pipeline
+  if pipeline._reachable(fashion_mnist.URL):
+    pytest.skip('the download host is reachable from here')
+  t0 = time.time()
+  r = run(train_cmd(tmp_path / 'w', fake_data_config.data,
+                    f'--config.data.idx_dir={tmp_path / "none"}',
+                    f'--config.data.data_dir={tmp_path / "tfds"}'))
+  assert_one_line_error(r, 'Fashion-MNIST not found', 'cannot be reached')
+  assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize('extra,fragments', [
+    (['--config.temperature=0'], ['temperature=0.0: a finite number > 0']),
+    (['--config.temperature=-1', '--config.knn.k=0', '--config.data.train_augment=imagenett',
+      '--config.memory_momentum=1.5', '--config.data.mean=(0.1,0.2)'],
+     ['temperature=-1.0', 'knn.k=0', "data.train_augment='imagenett'", 'memory_momentum=1.5',
+      'data.mean=(0.1, 0.2)']),
+    (['--config.learning_rate=inf'], ['learning_rate=inf: a finite number >= 0']),
+    (['--config.lr_schedule=cosinus'], ["lr_schedule='cosinus': one of cosine, step"]),
+    (['--config.data.channels=2'], ['data.channels=2: one of 1, 3']),
+    (['--config.data.name=folder'], ["data.root='': the image folder"]),
+])
+def test_bad_values_fail_at_once_in_one_line(extra, fragments, trained_workdir,
+                                             fake_data_config):
+  before = tree_digest(trained_workdir)
+  t0 = time.time()
+  r = run(train_cmd(trained_workdir, fake_data_config.data, '--config.num_epochs=2', *extra))
+  assert_one_line_error(r, 'bad config: ', *fragments)
+  assert time.time() - t0 < 30 and tree_digest(trained_workdir) == before
 
 
 def test_unwritable_workdir(tmp_path, fake_data_config):
@@ -194,7 +229,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained_workdi
   config.model, config.low_dim, config.batch_size, config.num_epochs = 'tiny_resnet', 16, 8, 2
   config.knn.batch_size, config.log_every_steps = 16, 1
   config.checkpoint_max_to_keep = 10
-  config.learning_rate = float('inf')
+  config.learning_rate = 1e30               # finite, so the config is valid; the loss is not
   with pytest.raises(TrainingError, match=r'at step 1[2-9]'):
     train.train_and_evaluate(config, str(workdir))
   assert tree_digest(workdir / 'checkpoints') == before

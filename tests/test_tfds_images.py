@@ -13,15 +13,6 @@ from snca_jax import evaluate
 from snca_jax import train
 from snca_jax.data import pipeline
 
-import fake_tfds
-
-
-@pytest.fixture(scope='module')
-def photos_tfds(image_tree, tmp_path_factory):
-  data_dir = str(tmp_path_factory.mktemp('tfds_photos'))
-  fake_tfds.PhotosTfds.ROOT = image_tree
-  fake_tfds.PhotosTfds(data_dir=data_dir, file_format='array_record').download_and_prepare()
-  return data_dir
 
 
 def _config(name, data_dir, image_size=32, eval_augment='imagenet_eval'):

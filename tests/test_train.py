@@ -104,3 +104,29 @@ def test_command_line_train_then_eval(fake_data_config, tmp_path):
   assert 'top-1' in r.stdout and 'top-5' in r.stdout
   result = json.load(open(out))
   assert result['k'] == 5 and result['database'] == 'recomputed' and result['step'] == 6
+
+
+def test_knn_monitor_and_best_checkpoint(fake_data_config, tmp_path):
+  """monitor='knn': weighted kNN (the config's k) against the bank after every epoch, as the
+  original's cifar.py; the best epoch's state is kept in <workdir>/best, also across a resume."""
+  from snca_jax import checkpoint
+  def config(epochs):
+    c = tiny(fake_data_config, num_epochs=epochs, monitor='knn')
+    c.knn.k = 5
+    return c
+
+  workdir = str(tmp_path / 'w')
+  train.train_and_evaluate(config(2), workdir)
+  train.train_and_evaluate(config(3), workdir)           # resumed for the third epoch
+  lines = map(json.loads, open(f'{workdir}/metrics.jsonl'))
+  values = {l['step']: l['val/knn5_top1'] for l in lines if 'val/knn5_top1' in l}
+  assert sorted(values) == [6, 12, 18]
+  best = checkpoint.manager(os.path.join(workdir, 'best'), read_only=True)
+  best_step = best.latest_step()
+  assert best.all_steps() == [best_step]
+  want = max(values.values())
+  assert values[best_step] == want and min(s for s, v in values.items() if v == want) == best_step
+  saved = checkpoint.restore_config(best, best_step)
+  assert saved['monitor_value'] == want
+  state = state_lib.restore_as_saved(best, best_step, mesh_lib.make_mesh())
+  assert int(state['step']) == best_step

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 DEFAULT_IDX_DIR = '/usr/share/datasets/fashion-mnist'
-_URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/'
+URL = 'https://storage.googleapis.com/tensorflow/tf-keras-datasets/'
 _FILES = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
@@ -53,6 +53,10 @@ def find_idx_file(idx_dir: str, stem: str):
   return None
 
 
+def has_idx_files(idx_dir: str) -> bool:
+  return all(find_idx_file(idx_dir, stem) for stems in _FILES.values() for stem in stems)
+
+
 class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
   """Fashion-MNIST from IDX files, as uint8 tensors with their dense index."""
 
@@ -61,7 +65,7 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, idx_dir: str = DEFAULT_IDX_DIR, download: bool = True, **kwargs):
     self._idx_dir = idx_dir
-    self._download = download
+    self.download = download
     super().__init__(**kwargs)
 
   def _info(self):
@@ -83,10 +87,10 @@ class FashionMnistIdx(tfds.core.GeneratorBasedBuilder):
       local = [find_idx_file(self._idx_dir, stem) for stem in stems]
       if all(local):
         paths[split] = local
-      elif not self._download:
+      elif not self.download:
         raise FileNotFoundError(f'no {" and ".join(stems)} in {self._idx_dir}')
       else:
-        paths[split] = [dl_manager.download(_URL + stem + '.gz') for stem in stems]
+        paths[split] = [dl_manager.download(URL + stem + '.gz') for stem in stems]
     return {split: self._generate_examples(*map(str, p)) for split, p in paths.items()}
 
   def _generate_examples(self, images_path, labels_path):

@@ -59,7 +59,38 @@ def _prepare_once(is_prepared, prepare):
     prepare()
 
 
+def _reachable(url: str, timeout: float = 5.0) -> bool:
+  """Whether `url`'s host accepts a connection within `timeout` seconds (name lookup
+  included), so that a machine without the network fails at once, not after retries."""
+  import socket
+  import threading
+  import urllib.parse
+  host = urllib.parse.urlparse(url).hostname
+  result = []
+
+  def connect():
+    try:
+      socket.create_connection((host, 443), timeout=timeout).close()
+      result.append(True)
+    except OSError:
+      pass
+
+  thread = threading.Thread(target=connect, daemon=True)
+  thread.start()
+  thread.join(timeout)
+  return bool(result)
+
+
 def _prepare(builder, idx_dir):
+  from snca_jax.data import fashion_mnist
+  if not fashion_mnist.has_idx_files(idx_dir) and not (
+      builder.download and _reachable(fashion_mnist.URL)):
+    why = ('downloading is off (data.download=False)' if not builder.download else
+           f'{fashion_mnist.URL} cannot be reached')
+    raise DataError(
+        f'Fashion-MNIST not found in {idx_dir}, and {why}: install Debian\'s '
+        f'dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set '
+        f'--config.data.idx_dir to a folder holding the four IDX files')
   try:
     builder.download_and_prepare(file_format='array_record')
   except Exception as e:  # no IDX files and no network
@@ -272,6 +303,9 @@ def _iterate(ds: grain.MapDataset, start: int, num_threads: int, worker_count: i
   ds = ds[start:]
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
   if worker_count > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():      # grain's workers read absl flags (notebooks, tests)
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
   return iter(it)
 

@@ -1,0 +1,108 @@
+"""The train state's life: padding, building from host arrays, and restoring a checkpoint
+written on any device count onto any other, with a row count that no device count divides."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from snca_jax import checkpoint
+from snca_jax import mesh as mesh_lib
+from snca_jax import models
+from snca_jax import optim
+from snca_jax import state as state_lib
+from snca_jax.errors import CheckpointError
+
+from conftest import final_state, make_fake_fashion_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 101                                    # prime: no device count above 1 divides it
+
+
+def test_pad_bank():
+  bank, labels = np.ones((5, 3), np.float32), np.arange(5)
+  b, l = state_lib.pad_bank(bank, labels, 8)
+  assert b.shape == (8, 3) and not b[5:].any() and list(l) == [0, 1, 2, 3, 4, -1, -1, -1]
+  b, l = state_lib.pad_bank(np.ones((8, 3)), np.r_[np.arange(5), [-1] * 3], 6)
+  assert b.shape == (6, 3) and list(l) == [0, 1, 2, 3, 4, -1]
+
+
+def _setup(devices, fake_data_config):
+  config = fake_data_config.copy_and_resolve_references()
+  config.model, config.low_dim, config.batch_size = 'tiny_resnet', 16, 24
+  mesh = mesh_lib.make_mesh(jax.devices()[:devices])
+  model = models.model_from_config(config)
+  tx = optim.make_optimizer(config, N // 24)
+  abstract = state_lib.abstract_train_state(model, tx, image_shape=(28, 28, 1), low_dim=16,
+                                            num_examples=N, mesh=mesh)
+  return config, mesh, model, tx, abstract
+
+
+@pytest.mark.parametrize('written_on,restored_on', [(8, 1), (8, 3), (3, 8), (1, 8), (5, 7)])
+def test_restore_onto_another_device_count(written_on, restored_on, fake_data_config,
+                                           tmp_path):
+  config, mesh, model, tx, _ = _setup(written_on, fake_data_config)
+  labels = np.arange(N) % 10
+  state = state_lib.create_train_state(model, tx, key=jax.random.key(1), bank_labels=labels,
+                                       image_shape=(28, 28, 1), low_dim=16, mesh=mesh)
+  assert state.bank.shape[0] == state_lib.num_rows(N, mesh)
+  mngr = checkpoint.manager(str(tmp_path))
+  checkpoint.save(mngr, 4, state, dict(config.to_dict(), num_examples=N))
+  mngr.wait_until_finished()
+  config, mesh2, _, tx, abstract = _setup(restored_on, fake_data_config)
+  restored = state_lib.restore(mngr, 4, abstract, config=config, num_examples=N, tx=tx,
+                               steps_per_epoch=4)
+  rows = state_lib.num_rows(N, mesh2)
+  assert restored.bank.shape == (rows, 16) and restored.bank.sharding == abstract.bank.sharding
+  np.testing.assert_array_equal(np.asarray(restored.bank)[:N], np.asarray(state.bank)[:N])
+  np.testing.assert_array_equal(np.asarray(restored.bank_labels),
+                                np.r_[labels, [-1] * (rows - N)])
+  for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(CheckpointError, match=f'bank of {N} rows but the training set has 99'):
+    state_lib.restore(mngr, 4, _setup(restored_on, fake_data_config)[4], config=config,
+                      num_examples=99, tx=tx, steps_per_epoch=4)
+
+
+def test_from_arrays(fake_data_config):
+  config, mesh, model, tx, abstract = _setup(8, fake_data_config)
+  params = jax.tree.map(np.asarray, model.init(jax.random.key(0), np.zeros((1, 28, 28, 1)))[
+      'params'])
+  bank = np.random.default_rng(0).normal(size=(N, 16)).astype(np.float32)
+  state = state_lib.from_arrays(params=params, batch_stats={}, bank=bank,
+                                bank_labels=np.arange(N) % 10, tx=tx, mesh=mesh, step=7)
+  assert jax.tree.structure(state.opt_state) == jax.tree.structure(abstract.opt_state)
+  assert state.bank.shape == abstract.bank.shape and state.bank.sharding == abstract.bank.sharding
+  assert int(state.step) == 7 and int(np.asarray(state.bank_labels)[-1]) == -1
+  np.testing.assert_array_equal(np.asarray(state.bank)[:N], bank)
+
+
+def _run(args, devices):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_train_and_eval_across_device_counts(tmp_path):
+  """train.py on 8 devices (101 rows padded to 104), resumed on 3 (102), then on 1 (101);
+  eval_knn.py on 3 and 8 devices gives one answer."""
+  data = make_fake_fashion_mnist(str(tmp_path / 'idx'), n_train=N, n_test=13)
+  workdir = str(tmp_path / 'w')
+  cmd = ['train.py', '--config', 'configs/fashion_mnist.py', '--workdir', workdir,
+         f'--config.data.idx_dir={data}', f'--config.data.data_dir={tmp_path / "tfds"}',
+         '--config.model=tiny_resnet', '--config.low_dim=16', '--config.batch_size=24',
+         '--config.knn.batch_size=24', '--config.lr_schedule=step']
+  for epochs, devices in ((1, 8), (2, 3), (3, 1)):
+    r = _run(cmd + [f'--config.num_epochs={epochs}'], devices)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert final_state(workdir)[0] == 4 * epochs
+  answers = set()
+  for devices in (3, 8):
+    r = _run(['eval_knn.py', '--workdir', workdir, '--k', '5'], devices)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answers.add(r.stdout.strip().splitlines()[-1])
+  assert len(answers) == 1 and 'on 13 images' in answers.pop()

@@ -1,0 +1,72 @@
+"""Every config field is checked before any work (snca_jax/validate.py)."""
+
+import importlib
+import math
+
+import pytest
+
+from snca_jax import validate
+from snca_jax.errors import ConfigError
+
+# Fields any value of their type suits: paths ('' = the default place) and switches.
+FREE = {'data.data_dir', 'data.idx_dir', 'data.root', 'data.prepared_dir', 'data.download',
+        'data.skip_bad_images', 'data.reduced_decode', 'nesterov', 'bn_per_device',
+        'keep_best'}
+
+
+def leaves(config, prefix=''):
+  for key, value in config.items():
+    if hasattr(value, 'items'):
+      yield from leaves(value, f'{prefix}{key}.')
+    else:
+      yield f'{prefix}{key}', value
+
+
+def bad_values(value):
+  if isinstance(value, bool):
+    return []
+  if isinstance(value, int):
+    return [-1]
+  if isinstance(value, float):
+    return [-1.0, math.nan, math.inf]
+  if isinstance(value, str):
+    return ['', 'nonsense']
+  return [('x',), ((1,),)]
+
+
+def _set(config, field, value):
+  *parents, leaf = field.split('.')
+  for p in parents:
+    config = config[p]
+  with config.ignore_type():
+    config[leaf] = value
+
+
+@pytest.mark.parametrize('name', ['fashion_mnist', 'cifar10_resnet18', 'imagenet_resnet50'])
+def test_every_field_is_checked(name):
+  module = importlib.import_module(f'configs.{name}')
+  assert validate.problems(module.get_config()) == []
+  unchecked = []
+  for field, value in leaves(module.get_config()):
+    if field in FREE:
+      continue
+    reported = False
+    for bad in bad_values(value):
+      config = module.get_config()
+      _set(config, field, bad)
+      reported |= any(p.startswith(field + '=') for p in validate.problems(config))
+    if not reported:
+      unchecked.append(field)
+  assert unchecked == []
+
+
+def test_combinations():
+  from configs import fashion_mnist
+  c = fashion_mnist.get_config()
+  c.data.channels = 3                  # mean and std still have one value each
+  c.memory_momentum_steps = ((80, 0.8), (40, 0.9))
+  found = validate.problems(c)
+  assert [p.split('=')[0] for p in found] == ['data.mean', 'data.std', 'memory_momentum_steps']
+  with pytest.raises(ConfigError) as e:
+    validate.check_config(c)
+  assert str(e.value).startswith('bad config: data.mean=(0.286,)') and '\n' not in str(e.value)
