@@ -18,9 +18,14 @@ def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-def manager(directory: str, *, max_to_keep: int = 2, read_only: bool = False):
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
+def manager(directory: str, *, max_to_keep: int = 2, read_only: bool = False,
+            barrier_prefix: str | None = None):
+  """An Orbax manager of `directory`. Two managers saving in one multi-process run need their
+  own `barrier_prefix`es: Orbax names its cross-process barriers by step alone."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix=barrier_prefix))
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
@@ -45,7 +50,8 @@ class BestCheckpoint:
   value (`monitor_value`), so that a resumed run keeps comparing against it."""
 
   def __init__(self, workdir: str):
-    self.mngr = manager(os.path.join(os.path.abspath(workdir), 'best'), max_to_keep=1)
+    self.mngr = manager(os.path.join(os.path.abspath(workdir), 'best'), max_to_keep=1,
+                        barrier_prefix='best')
     step = self.mngr.latest_step()
     self.value = (-float('inf') if step is None
                   else float(restore_config(self.mngr, step).get('monitor_value', -1.0)))

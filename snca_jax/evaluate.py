@@ -53,7 +53,8 @@ def embed_dataset(variables, model, source, *, data_config, transform, mesh, bat
       out[key].append(distributed.to_host(value))
   out = {k: np.concatenate(v) for k, v in out.items()}
   mask = out['mask']
-  return out['features'][mask], out['label'][mask], out['index'][mask]
+  order = np.argsort(out['index'][mask], kind='stable')    # record order, whatever the mesh's
+  return out['features'][mask][order], out['label'][mask][order], out['index'][mask][order]
 
 
 def knn_accuracy(queries, query_labels, bank, bank_labels, *, k, sigma, num_classes, mesh,

@@ -235,6 +235,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(trained_workdi
   assert tree_digest(workdir / 'checkpoints') == before
 
 
+def test_eval_flags_that_cannot_work(trained_workdir):
+  before = tree_digest(trained_workdir)
+  for flag in (['--k', '0'], ['--sigma', '-0.1'], ['--batch_size', '0']):
+    r = run([sys.executable, 'eval_knn.py', '--workdir', str(trained_workdir), *flag])
+    assert_one_line_error(r, f'--{flag[0][2:]}=')
+  assert tree_digest(trained_workdir) == before
+
+
 def test_eval_of_an_empty_workdir(tmp_path):
   r = run([sys.executable, 'eval_knn.py', '--workdir', str(tmp_path)])
   assert_one_line_error(r, 'eval_knn.py: ', 'holds no checkpoint')
