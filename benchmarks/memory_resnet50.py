@@ -34,7 +34,7 @@ from snca_jax import mesh as mesh_lib  # noqa: E402
 from snca_jax import models  # noqa: E402
 from snca_jax import optim  # noqa: E402
 from snca_jax import state as state_lib  # noqa: E402
-from snca_jax import train  # noqa: E402
+from snca_jax import step as step_lib  # noqa: E402
 
 MB = 2**20
 
@@ -57,8 +57,8 @@ def main():
   state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
                                        image_shape=(224, 224, 3), low_dim=128, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state)
-  step = train.make_train_step(model, tx, config, steps_per_epoch=steps, shardings=shardings,
-                               mesh=mesh)
+  step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
+                                  shardings=shardings, mesh=mesh)
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), jnp.float32),
            'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   mem = step.lower(state, batch).compile().memory_analysis()

@@ -31,7 +31,7 @@ from snca_jax import models  # noqa: E402
 from snca_jax import nca  # noqa: E402
 from snca_jax import optim  # noqa: E402
 from snca_jax import state as state_lib  # noqa: E402
-from snca_jax import train  # noqa: E402
+from snca_jax import step as step_lib  # noqa: E402
 
 _BYTES = {'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2, 'pred': 1, 's8': 1, 'u8': 1,
           'f64': 8, 's64': 8, 'u64': 8}
@@ -63,8 +63,8 @@ def measure(n: int, config):
                                        image_shape=(32, 32, 3), low_dim=config.low_dim,
                                        mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state)
-  step = train.make_train_step(model, tx, config, steps_per_epoch=steps, shardings=shardings,
-                               mesh=mesh)
+  step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
+                                  shardings=shardings, mesh=mesh)
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.float32),
            'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   compiled = step.lower(state, batch).compile()

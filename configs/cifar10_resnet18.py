@@ -34,6 +34,8 @@ def cifar_data(c, name: str, num_classes: int, source: str):
 def get_config(source: str = 'tfds'):
   c = cifar_data(fashion_mnist.get_config(), 'cifar10', 10, source)
   c.model = 'cifar_resnet18'
+  c.dtype = 'bfloat16'           # mixed precision on accelerators: bfloat16 activations and
+  c.nca_matmul_dtype = 'bfloat16'  # products; float32 parameters, optimizer state and bank
   c.model_init = 'pytorch'       # the original's CIFAR ResNet keeps PyTorch's initialisation
   c.monitor = 'knn'              # cifar.py: weighted kNN (K=30) each epoch, best kept
   c.num_epochs = 200

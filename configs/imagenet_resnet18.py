@@ -40,6 +40,8 @@ def imagenet_data(c, source: str):
 def get_config(source: str = 'tfds'):
   c = imagenet_data(fashion_mnist.get_config(), source)
   c.model = 'resnet18'
+  c.dtype = 'bfloat16'           # mixed precision on accelerators: bfloat16 activations and
+  c.nca_matmul_dtype = 'bfloat16'  # products; float32 parameters, optimizer state and bank
   c.num_epochs = 130
   c.batch_size = 256
   c.grad_accum_steps = 1

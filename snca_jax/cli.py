@@ -19,7 +19,8 @@ flags.DEFINE_integer('num_processes', None, 'Processes in a run started by hand 
                      '(or SNCA_NUM_PROCESSES).')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1 '
                      '(or SNCA_PROCESS_ID).')
-flags.DEFINE_bool('verbose', False, 'Show the traceback of errors.')
+flags.DEFINE_bool('verbose', False, 'Show the traceback of errors, and the INFO lines of '
+                  'Orbax, TFDS and JAX.')
 
 
 def init_distributed():
@@ -71,9 +72,16 @@ def flags_parser(program: str):
 
 
 def run(program: str, fn):
-  """Runs fn(); a SncaError (or a bad flag value) becomes one line on stderr and exit 1."""
+  """Runs fn(); a SncaError (or a bad flag value) becomes one line on stderr and exit 1.
+  Quiet by default: snca-jax's own lines, progress and errors, not the INFO and WARNING lines
+  of Orbax, TFDS and JAX (all of them with --verbose)."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO if FLAGS.verbose else absl_logging.ERROR)
   logging.getLogger('snca_jax').setLevel(logging.INFO)
-  logging.getLogger('jax').setLevel(logging.WARNING)
+  logging.getLogger('jax').setLevel(logging.INFO if FLAGS.verbose else logging.WARNING)
+  if not FLAGS.verbose:
+    import tensorflow_datasets as tfds
+    tfds.display_progress_bar(False)
   try:
     init_distributed()
     return fn()

@@ -13,6 +13,7 @@ from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 from snca_jax import models
 from snca_jax import state as state_lib
+from snca_jax import step
 from snca_jax.data import pipeline
 from snca_jax.errors import CheckpointError, ConfigError
 
@@ -25,7 +26,8 @@ def transform(config, kind: str) -> pipeline.Transform:
 @functools.lru_cache(maxsize=None)
 def _embed_fn(model, mesh, mean, std):
   def embed(variables, images):
-    return model.apply(variables, pipeline.normalize(images, mean, std), train=False)
+    step.TRACES['embed'] += 1                 # Python runs this only while tracing
+    return model.apply(variables, models.normalize_images(images, mean, std), train=False)
   return jax.jit(embed, in_shardings=(mesh_lib.replicated(mesh), mesh_lib.rows(mesh)),
                  out_shardings=mesh_lib.rows(mesh))
 

@@ -183,6 +183,13 @@ class ResNet(nn.Module):
     return l2_normalize(x.astype(jnp.float32))
 
 
+def normalize_images(images, mean, std):
+  """uint8 images -> (x / 255 - mean) / std in float32: the input normalisation, done on the
+  device inside the jitted step (the host sends uint8, a quarter of float32's bytes)."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
 def l2_normalize(x, axis=-1, eps=1e-12):
   """x / max(||x||, eps), as torch.nn.functional.normalize."""
   norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))

@@ -253,10 +253,16 @@ def _streaming_bwd(temperature, margin, mesh, chunk_size, matmul_dtype, update, 
 _streaming.defvjp(_streaming_fwd, _streaming_bwd)
 
 
-def default_chunk_size(batch: int) -> int:
-  """Bank rows per chunk: a (B, chunk) float32 score block of about 2 MB, which stays in cache
-  (compare others with `benchmarks/nca_step.py --chunk`)."""
-  return int(min(8192, max(256, 2 ** 19 // max(batch, 1))))
+def default_chunk_size(batch: int, platform: str | None = None) -> int:
+  """Bank rows per chunk. On a CPU, a (B, chunk) float32 score block of about 2 MB, which stays
+  in cache. On an accelerator, a block of about 256 MB: there each chunk costs a few kernel
+  launches, and at ImageNet scale (B = 256) the kernel went from 7.2x to 1.9x the time of its
+  two matrix products on an H200 as the chunk grew from 2,048 to 262,144 rows
+  (`benchmarks/nca_step.py --chunk`, BENCHMARKS.md)."""
+  platform = platform or jax.default_backend()
+  if platform == 'cpu':
+    return int(min(8192, max(256, 2 ** 19 // max(batch, 1))))
+  return int(max(4096, 2 ** 26 // max(batch, 1)))
 
 
 def _call(features, indices, bank, bank_labels, momentum, update, temperature, margin, mesh,

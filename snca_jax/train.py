@@ -1,13 +1,14 @@
-"""Training: a pure, jitted `train_step(state, batch) -> (state, metrics)` and the loop around it.
+"""Training: the loop around the jitted `train_step(state, batch) -> (state, metrics)` of
+`step.py`.
 
-Each step embeds the batch, takes the NCA loss against the bank as it was before the step,
-updates the network (SGD, Nesterov, weight decay; accumulated over `grad_accum_steps` batches),
-then writes the batch's fresh embeddings into its bank rows with the memory momentum
-(docs/METHOD.md). After each epoch the loop measures 1-NN accuracy of the validation set against the
-bank and checkpoints the whole state; a rerun of the same command resumes from the latest
-checkpoint at the exact batch where it stopped.
+Batches are read and transformed on the host, placed on the devices one step ahead, and fed to
+the step, whose metrics are read one step late so that the host never waits for the device
+within an epoch. After each epoch the loop measures kNN accuracy of the validation set against
+the bank (docs/METHOD.md) and checkpoints the whole state; a rerun of the same command resumes
+from the latest checkpoint at the exact batch where it stopped.
 """
 
+import collections
 import logging
 import math
 import os
@@ -19,7 +20,6 @@ import time
 import jax
 import ml_collections
 import numpy as np
-import optax
 import tqdm
 from jax.experimental import multihost_utils
 
@@ -28,54 +28,25 @@ from snca_jax import evaluate
 from snca_jax import mesh as mesh_lib
 from snca_jax import metrics as metrics_lib
 from snca_jax import models
-from snca_jax import nca
 from snca_jax import optim
 from snca_jax import state as state_lib
+from snca_jax import step as step_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
 from snca_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 
 log = logging.getLogger('snca_jax')
 
-def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
-  """The jitted step, with the state donated and every sharding stated."""
-  memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
-  mean, std = tuple(config.data.mean), tuple(config.data.std)
-
-  def train_step(state: state_lib.TrainState, batch):
-    momentum = memory_momentum(state.step)
-    images = pipeline.normalize(batch['image'], mean, std)     # uint8 -> float, on the device
-
-    def loss_fn(params):
-      features, updates = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-          mutable=['batch_stats'])
-      # The loss against the bank before this step, and the bank after it, in one pass.
-      loss, bank = nca.nca_step(
-          features, batch['index'], state.bank, state.bank_labels, momentum,
-          temperature=config.temperature, margin=config.margin, mesh=mesh,
-          chunk_size=config.nca_chunk_size or None,
-          matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
-      return loss, (bank, updates['batch_stats'])
-
-    (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              opt_state=opt_state, bank=bank)
-    return new_state, {'loss': loss, 'memory_momentum': momentum}
-
-  rows = mesh_lib.rows(mesh)
-  batch_shardings = {'image': rows, 'index': rows}
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-
-
-def device_batch(batch, mesh):
-  """This process's share of a global batch -> global arrays sharded over 'data'."""
-  rows = mesh_lib.rows(mesh)
-  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in ('image', 'index')}
+def prefetch_to_device(batches, mesh, size: int = 2):
+  """Host batches -> device batches, `size - 1` placed ahead of the one being consumed, so that
+  the host-to-device copy of the next batch overlaps the current step."""
+  queue = collections.deque()
+  for batch in batches:
+    queue.append(step_lib.device_batch(batch, mesh))
+    if len(queue) >= size:
+      yield queue.popleft()
+  while queue:
+    yield queue.popleft()
 
 
 def check_labels(labels, num_classes: int, what: str):
@@ -177,8 +148,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
         image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
 
-  train_step = make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
-                               shardings=shardings, mesh=mesh)
+  train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
+                                        shardings=shardings, mesh=mesh)
   writer = metrics_lib.MetricWriter(workdir)
   checkpoint_config = dict(config.to_dict(), num_examples=num_examples)
   train_transform = evaluate.transform(config, config.data.train_augment)
@@ -203,8 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                       desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='batch',
                       dynamic_ncols=True)
       pending, t0, n0 = None, time.time(), step
-      for batch in batches:
-        state, metrics = train_step(state, device_batch(batch, mesh))
+      for batch in prefetch_to_device(batches, mesh):
+        state, metrics = train_step(state, batch)
         if pending is not None:   # read the previous step's metrics: the device is busy
           _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
         pending = (step, metrics)

@@ -211,9 +211,10 @@ def test_converted_embeddings_equal_pytorch(name, stages, bottleneck, cifar, siz
   memory = save_original(src, model, n_bank=50, legacy=legacy)
   labels = np.arange(50) % 7
   np.save(tmp_path / 'labels.npy', labels)
+  config = imagenet_resnet18.get_config()
+  config.dtype = 'float32'                    # compared with PyTorch's float32 to 1e-4
   step, info = convert.convert(src, checkpoint_dir=str(tmp_path / 'w' / 'checkpoints'),
-                               config=imagenet_resnet18.get_config(),
-                               labels=str(tmp_path / 'labels.npy'))
+                               config=config, labels=str(tmp_path / 'labels.npy'))
   assert info['model'] == name and not info['head_initialised']
   x = np.random.default_rng(0).normal(size=(4, 3, size, size)).astype(np.float32)
   with torch.no_grad():
@@ -368,6 +369,7 @@ def test_converted_resnet50_continues_under_the_resnet50_recipe(image_tree, tmp_
   workdir = str(tmp_path / 'w')
   config = imagenet_resnet50.get_config('folder')
   config.data.root, config.data.image_size = image_tree, 32
+  config.dtype = config.nca_matmul_dtype = 'float32'     # bfloat16 convolutions are slow on CPUs
   config.batch_size, config.grad_accum_steps, config.num_epochs = 8, 2, 3
   config.knn.batch_size, config.data.num_threads, config.data.worker_count = 8, 2, 0
   convert.convert(src, checkpoint_dir=checkpoint.checkpoint_dir(workdir), config=config,

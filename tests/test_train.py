@@ -13,6 +13,7 @@ from snca_jax import mesh as mesh_lib
 from snca_jax import models
 from snca_jax import optim
 from snca_jax import state as state_lib
+from snca_jax import step as step_lib
 from snca_jax import train
 from snca_jax.data import pipeline
 
@@ -43,13 +44,13 @@ def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_c
   assert state.bank.sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(state.bank.sharding.device_set) == 8
   shardings = jax.tree.map(lambda a: a.sharding, state)
-  step = train.make_train_step(model, tx, config, steps_per_epoch=6, shardings=shardings,
-                               mesh=mesh)
+  step = step_lib.make_train_step(model, tx, config, steps_per_epoch=6, shardings=shardings,
+                                  mesh=mesh)
   batch = next(pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
                                       transform=evaluate.transform(config, 'crop_flip')))
   old_params = jax.tree.map(np.asarray, state.params)
   old_bank = np.asarray(state.bank)
-  new, metrics = step(state, train.device_batch(batch, mesh))
+  new, metrics = step(state, step_lib.device_batch(batch, mesh))
   assert int(new.step) == 1 and np.isfinite(float(metrics['loss']))
   assert float(metrics['memory_momentum']) == 0.5
   changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), old_params,
@@ -130,3 +131,13 @@ def test_knn_monitor_and_best_checkpoint(fake_data_config, tmp_path):
   assert saved['monitor_value'] == want
   state = state_lib.restore_as_saved(best, best_step, mesh_lib.make_mesh())
   assert int(state['step']) == best_step
+
+
+def test_no_retracing(fake_data_config, tmp_path):
+  """Two epochs, their per-epoch evaluations and a final evaluation: the training step is
+  traced once, and the embedding function at most once (it may be cached from another test)."""
+  before = dict(step_lib.TRACES)
+  train.train_and_evaluate(tiny(fake_data_config, num_epochs=2), str(tmp_path / 'w'))
+  evaluate.evaluate_checkpoint(str(tmp_path / 'w'))
+  assert step_lib.TRACES['train_step'] - before.get('train_step', 0) == 1
+  assert step_lib.TRACES['embed'] - before.get('embed', 0) <= 1

@@ -18,7 +18,6 @@ from typing import Any, Iterator
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
@@ -234,7 +233,7 @@ class Transform:
                      centre crop to it
 
   Encoded images (bytes) are decoded here, with PIL. Normalisation happens on the device
-  (`normalize`).
+  (`models.normalize_images`).
   """
   kind: str
   image_size: int
@@ -270,12 +269,6 @@ class Transform:
 
 def _encoded(x) -> bool:
   return isinstance(x, (bytes, bytearray, memoryview))
-
-
-def normalize(images, mean, std, dtype=jnp.float32):
-  """uint8 images -> (x / 255 - mean) / std, on the device, inside the jitted step."""
-  x = images.astype(jnp.float32) / 255.0
-  return ((x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)).astype(dtype)
 
 
 @dataclasses.dataclass(frozen=True)

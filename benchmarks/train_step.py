@@ -1,0 +1,254 @@
+"""The whole training step: images per second, ours beside PyTorch written the original's way.
+
+    python benchmarks/train_step.py                    # CPU: CIFAR ResNet-18, batch 128, 32x32
+    python benchmarks/train_step.py --accelerator      # GPU/TPU: ResNet-50, 224x224, bfloat16
+
+CPU mode, in one run, on all of this machine's cores:
+  ours        snca_jax's jitted train_step (step.py): ResNet forward and backward, the NCA
+              kernel against a bank of N = 50,000 rows with the bank update fused in, SGD with
+              Nesterov momentum and weight decay; the state donated
+  ours_resnet the same network's forward and backward alone (a linear loss on the embedding,
+              no NCA, no optimizer), so that the rest of the step's share can be read off
+  torch       the original's step in PyTorch: the same CIFAR ResNet-18, its LinearAverage
+              (x @ memory.T / T, backward grad @ memory / T, in-place momentum update of the
+              memory) and NCACrossEntropy, torch.optim.SGD (Nesterov, weight decay)
+The step's inputs are synthetic (uint8 images for ours, normalised on the device; float32 for
+torch, as its loader hands them over), and so are the labels.
+
+Accelerator mode: ResNet-50 at 224x224 in bfloat16 (float32 parameters, optimizer state and
+bank), bank of N = 1,281,167 rows; images/s, and the model FLOPs utilisation: the FLOPs XLA
+counts in the compiled step over its time, against the chip's dense bfloat16 peak
+(--peak_tflops, by default from the device's name: 989 for H100/H200).
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0,
+                    'TPU v5 lite': 197.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0}
+
+
+def ours(args, model_name, image_size, dtype, n_bank):
+  import jax
+  import jax.numpy as jnp
+  from configs import cifar10_resnet18
+  from snca_jax import mesh as mesh_lib
+  from snca_jax import models
+  from snca_jax import optim
+  from snca_jax import state as state_lib
+  from snca_jax import step as step_lib
+
+  config = cifar10_resnet18.get_config()
+  config.model, config.batch_size = model_name, args.batch
+  config.dtype = config.nca_matmul_dtype = dtype
+  config.nca_chunk_size = args.chunk
+  mesh = mesh_lib.make_mesh()
+  model = models.model_from_config(config)
+  tx = optim.make_optimizer(config, n_bank // args.batch)
+  labels = np.arange(n_bank, dtype=np.int32) % (1000 if n_bank > 100_000 else 10)
+  state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
+                                       image_shape=(image_size, image_size, 3),
+                                       low_dim=128, mesh=mesh)
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=n_bank // args.batch,
+                                        shardings=shardings, mesh=mesh)
+  rng = np.random.default_rng(0)
+  batches = [step_lib.device_batch({
+      'image': rng.integers(0, 256, (args.batch, image_size, image_size, 3), dtype=np.uint8),
+      'index': rng.choice(n_bank, args.batch, replace=False).astype(np.int32)}, mesh)
+      for _ in range(4)]
+  compiled = train_step.lower(state, batches[0]).compile()
+  # The FLOPs of the step as written, which is what model FLOPs utilisation divides: XLA's
+  # count of the same step lowered for the CPU, before any backend rewrites convolutions into
+  # library calls it does not count (the NCA kernel's scan counts as one chunk: a lower bound).
+  cpu = mesh_lib.make_mesh(jax.devices('cpu')[:1])
+  abstract = state_lib.abstract_train_state(model, tx, image_shape=(image_size, image_size, 3),
+                                            low_dim=128, num_examples=n_bank, mesh=cpu)
+  on_cpu = step_lib.make_train_step(model, tx, config, steps_per_epoch=n_bank // args.batch,
+                                    shardings=jax.tree.map(lambda a: a.sharding, abstract),
+                                    mesh=cpu)
+  rows = mesh_lib.rows(cpu)
+  cost = on_cpu.lower(abstract, {
+      'image': jax.ShapeDtypeStruct((args.batch, image_size, image_size, 3), jnp.uint8,
+                                    sharding=rows),
+      'index': jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=rows)}).cost_analysis()
+  cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+  flops = cost.get('flops', float('nan'))
+
+  def run_full(steps):
+    nonlocal state
+    for i in range(steps):
+      state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready(metrics['loss'])
+
+  # The network alone: forward and backward with a linear loss on the embedding.
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+
+  @jax.jit
+  def resnet_only(params, batch_stats, images):
+    def loss(p):
+      f, _ = model.apply({'params': p, 'batch_stats': batch_stats},
+                         models.normalize_images(images, mean, std), train=True,
+                         mutable=['batch_stats'])
+      return jnp.sum(f * 0.01)
+    return jax.grad(loss)(params)
+
+  images = [b['image'] for b in batches]
+
+  def run_resnet(steps):
+    for i in range(steps):
+      g = resnet_only(state.params, state.batch_stats, images[i % len(images)])
+    jax.block_until_ready(g)
+
+  return run_full, run_resnet, flops
+
+
+def timed(fn, steps, repeats):
+  fn(2)                                           # compile and warm up
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn(steps)
+    best = min(best, (time.perf_counter() - t) / steps)
+  return best
+
+
+def torch_step(args, n_bank):
+  """The original's training step, in PyTorch, on the CPU."""
+  import torch
+  import torch.nn as nn
+  import torch.nn.functional as F
+  torch.set_num_threads(os.cpu_count())
+  T, momentum = 0.05, 0.5
+
+  class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+      super().__init__()
+      self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(cout)
+      self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm2d(cout)
+      self.shortcut = nn.Sequential()
+      if stride != 1 or cin != cout:
+        self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                      nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+      out = F.relu(self.bn1(self.conv1(x)))
+      return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+  class ResNet18(nn.Module):                   # the original's models/resnet_cifar.py
+    def __init__(self):
+      super().__init__()
+      self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+      self.bn1 = nn.BatchNorm2d(64)
+      layers, cin = [], 64
+      for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+      self.layers = nn.Sequential(*layers)
+      self.linear = nn.Linear(512, 128)
+
+    def forward(self, x):
+      out = self.layers(F.relu(self.bn1(self.conv1(x))))
+      out = F.avg_pool2d(out, 4).flatten(1)
+      return F.normalize(self.linear(out), dim=1)
+
+  stdv = 1 / np.sqrt(128 / 3)
+  memory = torch.rand(n_bank, 128).mul_(2 * stdv).add_(-stdv)
+  labels = torch.from_numpy(np.arange(n_bank) % 10).long()
+
+  class LinearAverageOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y):
+      ctx.save_for_backward(x, y)
+      return torch.mm(x, memory.t()) / T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+      x, y = ctx.saved_tensors
+      grad_in = torch.mm(grad_out, memory) / T
+      pos = memory.index_select(0, y).mul_(momentum).add_(x.detach() * (1 - momentum))
+      memory.index_copy_(0, y, pos.div(pos.pow(2).sum(1, keepdim=True).sqrt()))
+      return grad_in, None
+
+  def nca_cross_entropy(x, indexes):
+    b = x.size(0)
+    exp = torch.exp(x)
+    exp.data.scatter_(1, indexes.view(-1, 1), 0)     # self-exclusion, as the original does it
+    same = labels.view(1, -1).expand(b, -1).eq(labels.index_select(0, indexes).view(-1, 1))
+    p = torch.mul(exp, same.float()).sum(dim=1)
+    z = exp.sum(dim=1)
+    prob = torch.div(p, z)
+    return -torch.log(torch.masked_select(prob, prob.ne(0))).sum() / b
+
+  model = ResNet18().train()
+  opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4,
+                        nesterov=True)
+  rng = np.random.default_rng(0)
+  batches = [(torch.from_numpy(rng.normal(size=(args.batch, 3, 32, 32)).astype(np.float32)),
+              torch.from_numpy(rng.choice(n_bank, args.batch, replace=False)).long())
+             for _ in range(4)]
+
+  def run(steps):
+    for i in range(steps):
+      x, idx = batches[i % len(batches)]
+      features = model(x)
+      loss = nca_cross_entropy(LinearAverageOp.apply(features, idx), idx)
+      opt.zero_grad()
+      loss.backward()
+      opt.step()
+
+  return run
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--accelerator', action='store_true')
+  p.add_argument('--batch', type=int, default=None)
+  p.add_argument('--steps', type=int, default=None)
+  p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--peak_tflops', type=float, default=None)
+  p.add_argument('--skip_torch', action='store_true')
+  p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
+  args = p.parse_args()
+  import jax
+  device = jax.devices()[0]
+  if args.accelerator:
+    args.batch, args.steps = args.batch or 256, args.steps or 20
+    name, size, dtype, n_bank = 'resnet50', 224, 'bfloat16', 1_281_167
+  else:
+    args.batch, args.steps = args.batch or 128, args.steps or 5
+    name, size, dtype, n_bank = 'cifar_resnet18', 32, 'float32', 50_000
+  print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}, bank of {n_bank:,} rows; '
+        f'{len(jax.devices())} x {device.device_kind}; best of {args.repeats} runs of '
+        f'{args.steps} steps')
+  run_full, run_resnet, flops = ours(args, name, size, dtype, n_bank)
+  t_full = timed(run_full, args.steps, args.repeats)
+  t_resnet = timed(run_resnet, args.steps, args.repeats)
+  rows = [('ours: whole step', t_full), ('ours: ResNet forward+backward only', t_resnet)]
+  if not args.accelerator and not args.skip_torch:
+    rows.append(('torch, the original\'s step', timed(torch_step(args, n_bank), args.steps,
+                                                        args.repeats)))
+  for label, t in rows:
+    print(f'{label:40s} {1000 * t:9.1f} ms {args.batch / t:9.1f} images/s')
+  print(f'outside the ResNet (NCA, bank update, optimizer): '
+        f'{100 * max(t_full - t_resnet, 0) / t_full:.1f}% of the step')
+  if len(rows) == 3:
+    print(f'ours / torch: {rows[2][1] / t_full:.2f}x the images per second')
+  if args.accelerator:
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items()
+                                     if k in device.device_kind), float('nan'))
+    achieved = flops / t_full / 1e12
+    print(f'XLA counts {flops / 1e9:.0f} GFLOP a step: {achieved:.0f} TFLOP/s, '
+          f'{100 * achieved / peak:.1f}% of the {peak:.0f} TFLOP/s bfloat16 peak (MFU)')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,67 @@
+"""The training step: a pure, jitted `train_step(state, batch) -> (state, metrics)`.
+
+Each step normalises the batch's uint8 images on the device, embeds them, takes the NCA loss
+against the bank as it was before the step, updates the network (SGD, Nesterov, weight decay;
+accumulated over `grad_accum_steps` batches), and writes the batch's fresh embeddings into its
+bank rows with the memory momentum (docs/METHOD.md), the loss and the bank update in one pass
+of the NCA kernel. The state is donated: the bank is updated in place.
+
+This module needs no data pipeline, so that benchmarks can build the step alone.
+`TRACES` counts how often each jitted function of training and evaluation was traced: each
+should be traced once per run (tests/test_train.py checks it).
+"""
+
+import collections
+
+import jax
+import optax
+
+from snca_jax import mesh as mesh_lib
+from snca_jax import models
+from snca_jax import nca
+from snca_jax import optim
+from snca_jax import state as state_lib
+
+TRACES = collections.Counter()
+
+
+def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
+  """The jitted step, with the state donated and every sharding stated."""
+  memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
+  mean, std = tuple(config.data.mean), tuple(config.data.std)
+
+  def train_step(state: state_lib.TrainState, batch):
+    TRACES['train_step'] += 1                 # Python runs this only while tracing
+    momentum = memory_momentum(state.step)
+    images = models.normalize_images(batch['image'], mean, std)   # uint8 -> float, on device
+
+    def loss_fn(params):
+      features, updates = model.apply(
+          {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+          mutable=['batch_stats'])
+      # The loss against the bank before this step, and the bank after it, in one pass.
+      loss, bank = nca.nca_step(
+          features, batch['index'], state.bank, state.bank_labels, momentum,
+          temperature=config.temperature, margin=config.margin, mesh=mesh,
+          chunk_size=config.nca_chunk_size or None,
+          matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
+      return loss, (bank, updates['batch_stats'])
+
+    (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, bank=bank)
+    return new_state, {'loss': loss, 'memory_momentum': momentum}
+
+  rows = mesh_lib.rows(mesh)
+  batch_shardings = {'image': rows, 'index': rows}
+  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+
+
+def device_batch(batch, mesh):
+  """This process's share of a global batch -> global arrays sharded over 'data'."""
+  rows = mesh_lib.rows(mesh)
+  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in ('image', 'index')}
