@@ -13,7 +13,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 # built (no compiler or JPEG headers), Pillow from requirements.txt stays.
 PILLOW_SIMD := pillow-simd==12.1.1.post0
 
-.PHONY: demo test data clean
+.PHONY: demo test data clean experiments
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ data:
 demo: $(STAMP) data
 	$(BIN)/python train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
 	$(BIN)/python eval_knn.py --workdir $(WORKDIR)
+
+# The paper's claims on Fashion-MNIST, NCA beside softmax: runs/experiments/results.{md,png}.
+experiments: $(STAMP) data
+	$(BIN)/python -m snca_jax.experiments --workdir runs/experiments
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt

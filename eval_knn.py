@@ -27,6 +27,11 @@ flags.DEFINE_integer('batch_size', None, 'Evaluation batch size (global).')
 flags.DEFINE_string('data_dir', None, 'TFDS data dir, where it differs from training.')
 flags.DEFINE_string('idx_dir', None, 'Fashion-MNIST IDX files, where they differ from training.')
 flags.DEFINE_string('output', None, 'Also write the results as JSON to this file.')
+flags.DEFINE_integer('neighbours', 0, 'Write a PNG grid and an HTML page of this many '
+                     'evaluation images and their nearest training images.')
+flags.DEFINE_string('neighbours_dir', None, 'Where to write them (default: WORKDIR/neighbours).')
+flags.DEFINE_string('export', None, 'Write embeddings, labels and record indices of queries '
+                    'and database as .npy files to this directory.')
 
 
 def evaluate_and_report():
@@ -36,12 +41,21 @@ def evaluate_and_report():
   result = evaluate.evaluate_checkpoint(
       path, k=FLAGS.k, sigma=FLAGS.sigma, recompute=FLAGS.recompute,
       batch_size=FLAGS.batch_size,
-      data_overrides={'data_dir': FLAGS.data_dir, 'idx_dir': FLAGS.idx_dir})
+      data_overrides={'data_dir': FLAGS.data_dir, 'idx_dir': FLAGS.idx_dir},
+      neighbours=FLAGS.neighbours, neighbours_dir=FLAGS.neighbours_dir, export_dir=FLAGS.export)
   if jax.process_index() != 0:
     return
   print(f"kNN (K={result['k']}, sigma={result['sigma']:g}, database: {result['database']}) "
         f"on {result['num_queries']} images, checkpoint step {result['step']}: "
         f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+  for key, value in result.items():
+    if key.startswith(('subcategory/', 'fewshot/')) and not key.endswith('_ci95'):
+      ci = result.get(key + '_ci95')
+      print(f'{key}: {100 * value:.2f}%' + (f' +- {100 * ci:.2f}' if ci is not None else ''))
+  if 'neighbours_dir' in result:
+    print(f"neighbour pictures: {result['neighbours_dir']}/neighbours.png and .html")
+  if FLAGS.export:
+    print(f'embeddings written to {FLAGS.export}')
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
       json.dump(result, f, indent=1)

@@ -60,7 +60,8 @@ def main():
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
                                   shardings=shardings, mesh=mesh)
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), jnp.float32),
-           'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+           'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   mem = step.lower(state, batch).compile().memory_analysis()
   bank = per_device_bytes((state.bank, state.bank_labels))
   params = per_device_bytes(state.params)

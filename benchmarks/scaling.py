@@ -66,7 +66,8 @@ def measure(n: int, config):
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
                                   shardings=shardings, mesh=mesh)
   batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.float32),
-           'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
+           'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
+           'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   compiled = step.lower(state, batch).compile()
   shard_bytes = [s.data.nbytes for s in state.bank.addressable_shards]
   mem = compiled.memory_analysis()

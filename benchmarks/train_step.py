@@ -61,7 +61,8 @@ def ours(args, model_name, image_size, dtype, n_bank):
   rng = np.random.default_rng(0)
   batches = [step_lib.device_batch({
       'image': rng.integers(0, 256, (args.batch, image_size, image_size, 3), dtype=np.uint8),
-      'index': rng.choice(n_bank, args.batch, replace=False).astype(np.int32)}, mesh)
+      'index': rng.choice(n_bank, args.batch, replace=False).astype(np.int32),
+      'label': rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
       for _ in range(4)]
   compiled = train_step.lower(state, batches[0]).compile()
   # The FLOPs of the step as written, which is what model FLOPs utilisation divides: XLA's

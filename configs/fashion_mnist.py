@@ -2,13 +2,31 @@
 
     python train.py --config configs/fashion_mnist.py --workdir workdir
 
-Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default.
+Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default. The
+paper's experiments (RESULTS.md) take options after a colon, comma-separated:
+
+    configs/fashion_mnist.py:softmax        the softmax baseline (same network and schedule)
+    configs/fashion_mnist.py:coarse         trained on 4 coarse classes (COARSE), evaluated
+                                            also on the 10 fine ones (sub-category discovery)
+    configs/fashion_mnist.py:novel          trained on classes 0-4, evaluated also on 5-9
+                                            (novel classes: few-shot episodes)
+    configs/fashion_mnist.py:softmax,coarse and so on.
 """
 
 import ml_collections
 
+# Fashion-MNIST's classes in four coarse groups: tops (T-shirt/top, Pullover, Coat, Shirt),
+# bottoms and dresses (Trouser, Dress), footwear (Sandal, Sneaker, Ankle boot), bags (Bag).
+COARSE = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2)
+COARSE_NAMES = ('tops', 'bottoms and dresses', 'footwear', 'bags')
+TRAIN_CLASSES = (0, 1, 2, 3, 4)     # 'novel': T-shirt/top, Trouser, Pullover, Dress, Coat
 
-def get_config():
+
+def get_config(options: str = ''):
+  options = [o for o in options.split(',') if o]
+  unknown = set(options) - {'nca', 'softmax', 'coarse', 'novel'}
+  if unknown:
+    raise ValueError(f'config options {sorted(unknown)}: use nca, softmax, coarse, novel')
   c = ml_collections.ConfigDict()
   c.model = 'small_resnet'
   c.low_dim = 128
@@ -33,6 +51,8 @@ def get_config():
   c.data.std = (0.3530,)
   c.data.train_augment = 'crop_flip'  # see snca_jax.data.pipeline.Transform
   c.data.eval_augment = 'none'
+  c.data.label_map = ()         # fine class -> the class trained on (e.g. COARSE); () = same
+  c.data.train_classes = ()     # train on these classes only; () = all
   c.data.reduced_decode = True  # let libjpeg decode large JPEGs at 1/2-1/8 scale when cropping
   c.data.num_threads = 1        # threads reading and transforming batches (training and eval)
   c.data.worker_count = 0       # grain worker processes (training and eval)
@@ -49,6 +69,7 @@ def get_config():
   c.nesterov = True
   c.weight_decay = 5e-4
 
+  c.loss = 'nca'                # or 'softmax': the paper's baseline (no bank in training)
   c.temperature = 0.05
   c.margin = 0.0
   c.memory_momentum = 0.5
@@ -65,4 +86,10 @@ def get_config():
   c.keep_best = True            # keep the best epoch's state in <workdir>/best
   c.log_every_steps = 50
   c.checkpoint_max_to_keep = 2
+  if 'softmax' in options:
+    c.loss = 'softmax'
+  if 'coarse' in options:
+    c.data.label_map, c.data.num_classes = COARSE, len(COARSE_NAMES)
+  if 'novel' in options:
+    c.data.train_classes = TRAIN_CLASSES
   return c

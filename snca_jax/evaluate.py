@@ -86,13 +86,13 @@ class KnnEvaluator:
     self.transform = transform(config, config.data.eval_augment)
     self._sources = {}
 
-  def source(self, split):
-    if split not in self._sources:
-      self._sources[split] = pipeline.open_source(self.config.data, split)
-    return self._sources[split]
+  def source(self, split, view='train'):
+    if (split, view) not in self._sources:
+      self._sources[split, view] = pipeline.open_source(self.config.data, split, view)
+    return self._sources[split, view]
 
-  def embed(self, variables, split):
-    return embed_dataset(variables, self.model, self.source(split),
+  def embed(self, variables, split, view='train'):
+    return embed_dataset(variables, self.model, self.source(split, view),
                          data_config=self.config.data, transform=self.transform,
                          mesh=self.mesh, batch_size=self.batch_size)
 
@@ -104,13 +104,197 @@ class KnnEvaluator:
     return {f'top{k}': v for k, v in acc.items()} | {'num_queries': len(queries)}
 
 
+class SubcategoryEvaluator:
+  """Sub-category discovery: a run trained on coarse labels (`data.label_map`), evaluated on
+  the fine ones. Weighted kNN of the evaluation split against the training set re-embedded,
+  both with their fine labels: {'subcategory/top1', 'subcategory/top5'}."""
+
+  def __init__(self, knn_evaluator: KnnEvaluator):
+    self.knn = knn_evaluator
+
+  def run(self, variables) -> dict:
+    c, knn_ = self.knn.config, self.knn
+    queries, labels, _ = knn_.embed(variables, c.data.eval_split, 'fine')
+    database, db_labels, _ = knn_.embed(variables, c.data.train_split, 'fine')
+    acc = knn_accuracy(queries, labels, database, db_labels, k=knn_.k, sigma=knn_.sigma,
+                       num_classes=int(max(labels.max(), db_labels.max())) + 1,
+                       mesh=knn_.mesh, batch_size=knn_.batch_size)
+    return {'subcategory/top1': acc[1], 'subcategory/top5': acc[5]}
+
+
+def few_shot_episodes(support, support_labels, queries, query_labels, *, ways=5, shots=1,
+                      queries_per_class=15, episodes=1000, seed=0) -> dict:
+  """N-way K-shot episodes on unit-norm embeddings: each episode draws `ways` classes, `shots`
+  support examples of each from `support` and `queries_per_class` queries of each from
+  `queries`; a query takes the class of its most similar support example ('nearest') or of
+  the most similar class mean ('mean'). Returns the mean accuracy of each rule over the
+  episodes with the half-width of its 95% confidence interval (1.96 standard errors)."""
+  rng = np.random.default_rng(seed)
+  classes = np.intersect1d(np.unique(support_labels), np.unique(query_labels))
+  if len(classes) < ways:
+    raise ValueError(f'{ways}-way episodes need {ways} classes; the held-out ones are '
+                     f'{classes.tolist()}')
+  by_class_s = {c: np.flatnonzero(support_labels == c) for c in classes}
+  by_class_q = {c: np.flatnonzero(query_labels == c) for c in classes}
+  acc = {'nearest': [], 'mean': []}
+  for _ in range(episodes):
+    chosen = rng.choice(classes, ways, replace=False)
+    s_idx = np.stack([rng.choice(by_class_s[c], shots, replace=False) for c in chosen])
+    q_idx = np.concatenate([rng.choice(by_class_q[c], min(queries_per_class,
+                                                          len(by_class_q[c])), replace=False)
+                            for c in chosen])
+    q_true = np.concatenate([np.full(min(queries_per_class, len(by_class_q[c])), i)
+                             for i, c in enumerate(chosen)])
+    q = queries[q_idx]
+    s_feat = support[s_idx]                                   # (ways, shots, D)
+    sims = q @ s_feat.reshape(ways * shots, -1).T             # (Q, ways * shots)
+    acc['nearest'].append(np.mean(sims.argmax(1) // shots == q_true))
+    means = s_feat.mean(1)
+    means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+    acc['mean'].append(np.mean((q @ means.T).argmax(1) == q_true))
+  return {rule: (float(np.mean(v)), float(1.96 * np.std(v) / np.sqrt(len(v))))
+          for rule, v in acc.items()}
+
+
+class FewShotEvaluator:
+  """Novel classes: a run trained on `data.train_classes`, evaluated on the classes it never
+  saw. 5-way 1-shot and 5-shot episodes (support from their training images, queries from
+  their evaluation images; nearest support example and nearest class mean), and weighted kNN
+  of their evaluation images against all their training images."""
+
+  def __init__(self, knn_evaluator: KnnEvaluator, *, ways=5, shots=(1, 5), episodes=1000,
+               seed=0):
+    self.knn, self.ways, self.shots = knn_evaluator, ways, shots
+    self.episodes, self.seed = episodes, seed
+
+  def run(self, variables) -> dict:
+    c, knn_ = self.knn.config, self.knn
+    support, support_labels, _ = knn_.embed(variables, c.data.train_split, 'held_out')
+    queries, query_labels, _ = knn_.embed(variables, c.data.eval_split, 'held_out')
+    out = {}
+    for shots in self.shots:
+      res = few_shot_episodes(support, support_labels, queries, query_labels,
+                              ways=self.ways, shots=shots, episodes=self.episodes,
+                              seed=self.seed)
+      for rule, (mean, ci) in res.items():
+        out[f'fewshot/{self.ways}way{shots}shot_{rule}'] = mean
+        out[f'fewshot/{self.ways}way{shots}shot_{rule}_ci95'] = ci
+    acc = knn_accuracy(queries, query_labels, support, support_labels, k=knn_.k,
+                       sigma=knn_.sigma, num_classes=int(support_labels.max()) + 1,
+                       mesh=knn_.mesh, batch_size=knn_.batch_size)
+    out['fewshot/knn_top1'] = acc[1]
+    return out
+
+
+def class_names(source, num_classes: int) -> list[str]:
+  """Names of the classes where the dataset says them, else their numbers."""
+  from snca_jax.data import fashion_mnist
+  inner = getattr(source, 'source', source)
+  if hasattr(inner, 'classes'):
+    return list(inner.classes)
+  if 'fashion_mnist' in repr(inner):
+    return list(fashion_mnist.CLASS_NAMES)
+  return [str(i) for i in range(num_classes)]
+
+
+class NeighboursEvaluator:
+  """Neighbour pictures: for `num_queries` evaluation images (a fixed random choice), their
+  `k` nearest training images in the database, with labels and similarities, written as
+  `neighbours.png` (a grid: query, then its neighbours, wrong-class ones framed in red) and
+  `neighbours.html` (the same as a table) in `out_dir`."""
+
+  def __init__(self, knn_evaluator: KnnEvaluator, out_dir: str, *, num_queries=10, k=10,
+               seed=0, cell=84):
+    self.knn, self.out_dir = knn_evaluator, out_dir
+    self.num_queries, self.k, self.seed, self.cell = num_queries, k, seed, cell
+
+  def _picture(self, record):
+    from PIL import Image
+    from snca_jax.data import images
+    x = images.decode(record['image'], 3) if isinstance(record['image'], bytes) else np.asarray(
+        record['image'])
+    image = Image.fromarray(x[..., 0] if x.shape[-1] == 1 else x).convert('RGB')
+    image.thumbnail((self.cell, self.cell))
+    if image.size != (self.cell, self.cell) and max(image.size) < self.cell:
+      scale = self.cell / max(image.size)
+      image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
+                           Image.NEAREST)
+    return image
+
+  def run(self, variables, database, database_labels) -> dict:
+    import html
+    from PIL import Image, ImageDraw
+    c = self.knn.config
+    queries, labels, index = self.knn.embed(variables, c.data.eval_split)
+    pick = np.sort(np.random.default_rng(self.seed).choice(
+        len(queries), min(self.num_queries, len(queries)), replace=False))
+    sims, rows, nb_labels = knn.nearest(queries[pick], database, database_labels, k=self.k,
+                                        mesh=self.knn.mesh)
+    eval_source = self.knn.source(c.data.eval_split)
+    train_source = self.knn.source(c.data.train_split)
+    names = class_names(train_source, c.data.num_classes)
+    name = lambda y: names[y] if 0 <= y < len(names) else str(y)
+    cell, pad, text = self.cell, 4, 26
+    grid = Image.new('RGB', ((self.k + 1) * (cell + pad) + pad,
+                             len(pick) * (cell + text + pad) + pad), 'white')
+    draw = ImageDraw.Draw(grid)
+    rows_html = []
+    q_records = eval_source.__getitems__([int(index[i]) for i in pick])
+    for r, (i, q_record) in enumerate(zip(pick, q_records)):
+      y0 = pad + r * (cell + text + pad)
+      grid.paste(self._picture(q_record), (pad, y0))
+      draw.rectangle((pad - 2, y0 - 2, pad + cell + 1, y0 + cell + 1), outline='black')
+      draw.text((pad, y0 + cell + 2), f'query: {name(int(labels[i]))}'[:16], fill='black')
+      cells = [f'<td><b>query</b><br>{html.escape(name(int(labels[i])))}</td>']
+      neighbours = train_source.__getitems__([int(x) for x in rows[r]])
+      for j, rec in enumerate(neighbours):
+        x0 = pad + (j + 1) * (cell + pad)
+        grid.paste(self._picture(rec), (x0, y0))
+        wrong = int(nb_labels[r, j]) != int(labels[i])
+        if wrong:
+          draw.rectangle((x0 - 2, y0 - 2, x0 + cell + 1, y0 + cell + 1), outline='red',
+                         width=3)
+        draw.text((x0, y0 + cell + 2), f'{name(int(nb_labels[r, j]))[:10]} {sims[r, j]:.2f}',
+                  fill='red' if wrong else 'black')
+        label = html.escape(name(int(nb_labels[r, j])))
+        cells.append(f'<td{" class=wrong" if wrong else ""}>{label}<br>{sims[r, j]:.3f}</td>')
+      rows_html.append('<tr>' + ''.join(cells) + '</tr>')
+    os.makedirs(self.out_dir, exist_ok=True)
+    grid.save(os.path.join(self.out_dir, 'neighbours.png'))
+    with open(os.path.join(self.out_dir, 'neighbours.html'), 'w') as f:
+      f.write('<!doctype html><meta charset="utf-8"><title>Nearest neighbours</title>'
+              '<style>td{padding:4px;text-align:center;font:12px sans-serif}'
+              '.wrong{color:#c00;font-weight:bold}</style>'
+              f'<h1>{len(pick)} queries and their {self.k} nearest training images</h1>'
+              '<p><img src="neighbours.png" alt="neighbours"></p><table>'
+              + ''.join(rows_html) + '</table>')
+    wrong = float(np.mean(nb_labels != labels[pick][:, None]))
+    return {'neighbours/wrong_fraction': wrong}
+
+
+def export_embeddings(out_dir, queries, query_labels, query_index, database, database_labels,
+                      database_index):
+  """Embeddings, labels and record positions of queries and database as .npy files."""
+  os.makedirs(out_dir, exist_ok=True)
+  for name, value in (('queries', queries), ('query_labels', query_labels),
+                      ('query_index', query_index), ('database', database),
+                      ('database_labels', database_labels),
+                      ('database_index', database_index)):
+    np.save(os.path.join(out_dir, f'{name}.npy'), np.asarray(value))
+
+
 def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch_size=None,
-                        data_overrides=None):
+                        data_overrides=None, neighbours=0, neighbours_dir=None,
+                        export_dir=None):
   """Weighted kNN top-1 / top-5 of the evaluation split for the checkpoint at `path` (a
   workdir, its checkpoints directory, or one step's directory; the latest step by default).
 
   The database is the checkpoint's bank, or with `recompute` the training set re-embedded with
-  the evaluation transform. k and sigma default to the run's config (sigma: its temperature).
+  the evaluation transform (always for a softmax run, which keeps no bank). k and sigma
+  default to the run's config (sigma: its temperature). A run trained on coarse labels is also
+  evaluated on the fine ones (sub-categories), one trained on a subset of the classes on the
+  others (few-shot episodes). `neighbours` > 0 writes neighbour pictures to `neighbours_dir`;
+  `export_dir` receives the embeddings as .npy files.
   """
   for name, value, ok in (('k', k, lambda v: v >= 1), ('sigma', sigma, lambda v: v > 0),
                           ('batch_size', batch_size, lambda v: v >= 1)):
@@ -139,10 +323,27 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
       config.data[key] = value
   evaluator = KnnEvaluator(config, mesh, k=k, sigma=sigma, batch_size=batch_size)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  recompute = recompute or config.get('loss', 'nca') == 'softmax'
   if recompute:
-    bank, bank_labels, _ = evaluator.embed(variables, config.data.train_split)
+    bank, bank_labels, bank_index = evaluator.embed(variables, config.data.train_split)
   else:
-    bank, bank_labels = state['bank'], state['bank_labels']
+    n = int(config.get('num_examples') or len(evaluator.source(config.data.train_split)))
+    bank = distributed.to_host(state['bank'])[:n]
+    bank_labels = distributed.to_host(state['bank_labels'])[:n]
+    bank_index = np.arange(n)
   result = evaluator.run(variables, bank, bank_labels)
+  if config.data.get('label_map'):
+    result.update(SubcategoryEvaluator(evaluator).run(variables))
+  if config.data.get('train_classes'):
+    result.update(FewShotEvaluator(evaluator).run(variables))
+  if neighbours:
+    out = neighbours_dir or os.path.join(os.path.dirname(ckpt_dir), 'neighbours')
+    result.update(NeighboursEvaluator(evaluator, out, num_queries=neighbours).run(
+        variables, bank, bank_labels))
+    result['neighbours_dir'] = out
+  if export_dir:
+    queries, query_labels, query_index = evaluator.embed(variables, config.data.eval_split)
+    export_embeddings(export_dir, queries, query_labels, query_index, bank, bank_labels,
+                      bank_index)
   return {'step': int(step), 'k': evaluator.k, 'sigma': evaluator.sigma,
           'database': 'recomputed' if recompute else 'bank', **result}

@@ -138,6 +138,23 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 
 
+@functools.partial(jax.jit, static_argnames=('k', 'mesh'))
+def _nearest_batch(queries, bank, bank_labels, *, k, mesh):
+  return top_k_neighbors(queries, bank, bank_labels, k=k, mesh=mesh)
+
+
+def nearest(queries, bank, bank_labels, *, k, mesh=None):
+  """(similarities, bank rows, labels), each (Q, k) numpy, of every query's k nearest rows."""
+  mesh = mesh_lib.make_mesh() if mesh is None else mesh
+  host = lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
+  bank, bank_labels = state_lib.pad_bank(host(bank), host(bank_labels),
+                                         state_lib.num_rows(bank.shape[0], mesh))
+  place = lambda x: distributed.put_global(x, mesh_lib.rows(mesh))
+  q = distributed.put_global(np.asarray(queries, np.float32), mesh_lib.replicated(mesh))
+  out = _nearest_batch(q, place(bank), place(bank_labels), k=k, mesh=mesh)
+  return tuple(distributed.to_host(x) for x in out)
+
+
 def top_k_accuracy(scores, labels, ks=(1, 5)):
   """Fraction of rows whose label is among the k highest scores, for each k (ties: lower
   class index first, as a stable descending sort)."""

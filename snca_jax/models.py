@@ -133,6 +133,9 @@ class ResNet(nn.Module):
     init_scheme: 'torchvision' or 'pytorch' (see INITS).
     bn_groups: BatchNorm statistics over this many equal parts of the batch (1: the whole
       batch; the device count: per device, as the original's DataParallel).
+    num_classes: with > 0, a linear classifier on the `low_dim` layer (the softmax baseline),
+      whose logits are sown as 'intermediates'/'logits'; the embedding stays that layer,
+      L2-normalised.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -143,6 +146,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   init_scheme: str = 'torchvision'
   bn_groups: int = 1
+  num_classes: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -180,6 +184,10 @@ class ResNet(nn.Module):
                        key, shape, dtype, -bound, bound))
     x = nn.Dense(self.low_dim, dtype=self.dtype, param_dtype=jnp.float32, name='head',
                  **dense)(x)
+    if self.num_classes:     # the softmax baseline's classifier, on the layer it embeds with
+      logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
+                        name='classifier')(x)
+      self.sow('intermediates', 'logits', logits.astype(jnp.float32))
     return l2_normalize(x.astype(jnp.float32))
 
 
@@ -226,14 +234,17 @@ def model_from_config(config, num_devices: int = 1) -> ResNet:
   `bn_per_device` BatchNorm statistics per device of `num_devices`)."""
   if config.dtype not in DTYPES:
     raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
+  softmax = config.get('loss', 'nca') == 'softmax'
   return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype],
                       init=config.get('model_init', 'torchvision'),
-                      bn_groups=num_devices if config.get('bn_per_device') else 1)
+                      bn_groups=num_devices if config.get('bn_per_device') else 1,
+                      num_classes=config.data.num_classes if softmax else 0)
 
 
 def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32,
-                 init: str = 'torchvision', bn_groups: int = 1) -> ResNet:
+                 init: str = 'torchvision', bn_groups: int = 1, num_classes: int = 0) -> ResNet:
   """The model called `name` (see MODELS) with an embedding of size `low_dim`."""
   if name not in MODELS:
     raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(sorted(MODELS))}')
-  return MODELS[name](low_dim=low_dim, dtype=dtype, init_scheme=init, bn_groups=bn_groups)
+  return MODELS[name](low_dim=low_dim, dtype=dtype, init_scheme=init, bn_groups=bn_groups,
+                      num_classes=num_classes)

@@ -4,7 +4,9 @@ Each step normalises the batch's uint8 images on the device, embeds them, takes 
 against the bank as it was before the step, updates the network (SGD, Nesterov, weight decay;
 accumulated over `grad_accum_steps` batches), and writes the batch's fresh embeddings into its
 bank rows with the memory momentum (docs/METHOD.md), the loss and the bank update in one pass
-of the NCA kernel. The state is donated: the bank is updated in place.
+of the NCA kernel. The state is donated: the bank is updated in place. With
+`loss='softmax'` (the paper's baseline) the loss is the cross-entropy of a linear classifier
+on the embedding layer, and the bank is left as it is.
 
 This module needs no data pipeline, so that benchmarks can build the step alone.
 `TRACES` counts how often each jitted function of training and evaluation was traced: each
@@ -23,12 +25,14 @@ from snca_jax import optim
 from snca_jax import state as state_lib
 
 TRACES = collections.Counter()
+BATCH_FIELDS = ('image', 'index', 'label')
 
 
 def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
   """The jitted step, with the state donated and every sharding stated."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
+  softmax = config.get('loss', 'nca') == 'softmax'
 
   def train_step(state: state_lib.TrainState, batch):
     TRACES['train_step'] += 1                 # Python runs this only while tracing
@@ -38,7 +42,11 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
     def loss_fn(params):
       features, updates = model.apply(
           {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-          mutable=['batch_stats'])
+          mutable=['batch_stats', 'intermediates'])
+      if softmax:          # the baseline: cross-entropy of the classifier; the bank stays
+        logits = updates['intermediates']['logits'][0]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
+        return loss, (state.bank, updates['batch_stats'])
       # The loss against the bank before this step, and the bank after it, in one pass.
       loss, bank = nca.nca_step(
           features, batch['index'], state.bank, state.bank_labels, momentum,
@@ -56,7 +64,7 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
     return new_state, {'loss': loss, 'memory_momentum': momentum}
 
   rows = mesh_lib.rows(mesh)
-  batch_shardings = {'image': rows, 'index': rows}
+  batch_shardings = {k: rows for k in BATCH_FIELDS}
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
 
@@ -64,4 +72,4 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
 def device_batch(batch, mesh):
   """This process's share of a global batch -> global arrays sharded over 'data'."""
   rows = mesh_lib.rows(mesh)
-  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in ('image', 'index')}
+  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in BATCH_FIELDS}

@@ -157,6 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   # The per-epoch monitor against the bank: the original's 1-NN (main.py), or weighted kNN with
   # the config's k (cifar.py); the best epoch's state is kept beside the latest.
   one_nn = config.monitor == '1nn'
+  softmax = config.loss == 'softmax'
   monitor = evaluate.KnnEvaluator(config, mesh, k=1 if one_nn else None,
                                   ks=(1,) if one_nn else (1, 5))
   monitor_name = 'val/nn_top1' if one_nn else f'val/knn{monitor.k}_top1'
@@ -193,8 +194,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                 f'checkpoint written to {checkpoint.checkpoint_dir(workdir)}; run the same '
                 f'command to resume', flush=True)
         return state
-      result = monitor.run({'params': state.params, 'batch_stats': state.batch_stats},
-                           state.bank, state.bank_labels)
+      variables = {'params': state.params, 'batch_stats': state.batch_stats}
+      if softmax:      # no bank: the training set embedded again is the database
+        database, database_labels, _ = monitor.embed(variables, config.data.train_split)
+      else:
+        database, database_labels = state.bank, state.bank_labels
+      result = monitor.run(variables, database, database_labels)
       acc = result['top1']
       writer.write(step, {monitor_name: acc, 'epoch': epoch + 1})
       checkpoint.save(mngr, step, state, checkpoint_config)
@@ -202,7 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       if pid == 0:
         what = '1-NN' if one_nn else f'weighted {monitor.k}-NN'
         print(f'epoch {epoch + 1}/{config.num_epochs}: {what} top-1 {100 * acc:.2f}% '
-              f'({result["num_queries"]} {config.data.eval_split} images against the bank)'
+              f'({result["num_queries"]} {config.data.eval_split} images against the '
+              f'{"training set" if softmax else "bank"})'
               f'{"; best so far, kept in " + os.path.join(workdir, "best") if improved else ""}',
               flush=True)
   finally:

@@ -56,6 +56,7 @@ def problems(config) -> list[str]:
   one_of('dtype', config.dtype, sorted(models.DTYPES))
   one_of('model_init', config.model_init, models.INITS)
   one_of('monitor', config.monitor, ('1nn', 'knn'))
+  one_of('loss', config.loss, ('nca', 'softmax'))
   need(isinstance(d.name, str) and d.name.strip(), 'data.name',
        "'fashion_mnist', 'folder' or a TFDS dataset name")
   if d.name == 'folder':
@@ -73,6 +74,14 @@ def problems(config) -> list[str]:
       ok = all(v > 0 for v in values)
     need(ok, f'data.{field}', f'{d.channels} finite number(s), one per channel'
          + (', each > 0' if field == 'std' else ''))
+  label_map, classes = d.label_map, d.train_classes
+  need(isinstance(label_map, (tuple, list)) and all(
+      _integer(y) and 0 <= y < max(d.num_classes, 1) for y in label_map) and (
+          not label_map or not d.num_classes or set(label_map) == set(range(d.num_classes))),
+       'data.label_map', 'one class in [0, num_classes) for each fine class, every one used')
+  need(isinstance(classes, (tuple, list)) and all(_integer(y) and y >= 0 for y in classes)
+       and len(set(classes)) == len(classes), 'data.train_classes',
+       'distinct class numbers >= 0')
   one_of('data.train_augment', d.train_augment, pipeline.KINDS)
   one_of('data.eval_augment', d.eval_augment, pipeline.KINDS)
   count('data.num_threads', d.num_threads)

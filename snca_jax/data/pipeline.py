@@ -31,10 +31,71 @@ from snca_jax.errors import DataError
 log = logging.getLogger('snca_jax')
 
 
-def open_source(data_config, split: str):
+VIEWS = ('train', 'fine', 'held_out')
+
+
+def open_source(data_config, split: str, view: str = 'train'):
   """The random-access data source of `split` for the dataset named in `data_config.name`:
   'fashion_mnist' (IDX files), 'folder' (an image folder tree under `data_config.root`), or the
-  name of any TFDS dataset with `image` and `label` features, prepared as array_record."""
+  name of any TFDS dataset with `image` and `label` features, prepared as array_record.
+
+  `view` says which records and labels, where the config trains on coarse labels
+  (`data.label_map`: fine class -> coarse class) or on a subset of the classes
+  (`data.train_classes`):
+    'train'     what training sees: the training classes' records, labels mapped to coarse
+    'fine'      every record, with its own (fine) label
+    'held_out'  the records of the classes left out of training, with their own labels
+  Records are renumbered 0.. within a view, so `index` stays a dense bank row."""
+  source = _open(data_config, split)
+  label_map = tuple(data_config.get('label_map') or ())
+  train_classes = tuple(data_config.get('train_classes') or ())
+  if view not in VIEWS:
+    raise ValueError(f'view {view!r}: use one of {VIEWS}')
+  if not train_classes and (not label_map or view == 'fine'):
+    return source
+  positions = None
+  if train_classes and view != 'fine':
+    keep = np.isin(read_labels(source), train_classes)
+    positions = np.flatnonzero(keep if view == 'train' else ~keep)
+  return View(source, positions, label_map if view == 'train' else ())
+
+
+class View:
+  """Some records of a source (`positions`, renumbered 0..), labels mapped by `label_map`."""
+
+  def __init__(self, source, positions=None, label_map=()):
+    self.source, self.positions = source, positions
+    self.label_map = np.asarray(label_map, np.int32) if len(label_map) else None
+    if self.label_map is not None:
+      self.num_classes = int(self.label_map.max()) + 1
+
+  def __len__(self):
+    return len(self.source) if self.positions is None else len(self.positions)
+
+  def _records(self, keys):
+    keys = [int(k) for k in keys]
+    where = keys if self.positions is None else [int(self.positions[k]) for k in keys]
+    out = []
+    for key, record in zip(keys, self.source.__getitems__(where)):
+      record = dict(record, index=key)
+      if self.label_map is not None:
+        record['label'] = int(self.label_map[int(record['label'])])
+      out.append(record)
+    return out
+
+  def __getitem__(self, i):
+    return self._records([i])[0]
+
+  def __getitems__(self, keys):
+    return self._records(keys)
+
+  def labels(self) -> np.ndarray:
+    labels = read_labels(self.source)
+    labels = labels if self.positions is None else labels[self.positions]
+    return labels if self.label_map is None else self.label_map[labels]
+
+
+def _open(data_config, split: str):
   name, data_dir = data_config.name, data_config.get('data_dir') or None
   if name == 'fashion_mnist':
     idx_dir = data_config.get('idx_dir') or DEFAULT_IDX_DIR
@@ -183,10 +244,13 @@ def _labels_of(source, batch_size):
 
 
 def num_classes(source) -> int | None:
-  """The number of classes a source declares (folder classes, TFDS ClassLabel), if any."""
+  """The number of classes a source declares (folder classes, TFDS ClassLabel, a label map),
+  if any."""
+  if getattr(source, 'num_classes', None):
+    return source.num_classes
   if hasattr(source, 'classes'):
     return len(source.classes)
-  return getattr(source, 'num_classes', None)
+  return num_classes(source.source) if isinstance(source, View) else None
 
 
 def image_shape(data_config):

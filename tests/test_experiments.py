@@ -1,0 +1,92 @@
+"""The paper's experiments: the softmax baseline, sub-categories, novel classes (few-shot
+episodes), neighbour pictures and export; evaluators on embeddings whose answer is known."""
+
+import os
+
+import numpy as np
+import pytest
+
+from snca_jax import evaluate
+from snca_jax import train
+from snca_jax.data import pipeline
+
+from test_train import tiny
+
+
+def _clusters(n_classes, per_class, dim=16, noise=0.0, seed=0):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(n_classes, dim))
+  labels = np.repeat(np.arange(n_classes), per_class)
+  x = centres[labels] + noise * rng.normal(size=(len(labels), dim))
+  return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def test_few_shot_episodes_on_known_answers():
+  support, s_labels = _clusters(8, 20)
+  queries, q_labels = _clusters(8, 10)
+  res = evaluate.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=1,
+                                   episodes=200)
+  assert res['nearest'] == (1.0, 0.0) and res['mean'] == (1.0, 0.0)     # perfect clusters
+  rng = np.random.default_rng(1)
+  noise = lambda n: rng.normal(size=(n, 16)).astype(np.float32)
+  res = evaluate.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, ways=5,
+                                   shots=5, episodes=1000)
+  for mean, ci in res.values():                 # random features: chance, 1 in 5
+    assert abs(mean - 0.2) < 0.03 and 0 < ci < 0.01
+  again = evaluate.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, episodes=10)
+  assert again != res
+  with pytest.raises(ValueError, match='5-way episodes need 5 classes'):
+    evaluate.few_shot_episodes(support[:60], s_labels[:60], queries, q_labels)
+
+
+def test_views_of_a_split(fake_data_config):
+  data = fake_data_config.data.copy_and_resolve_references()
+  data.label_map, data.num_classes = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2), 4
+  data.train_classes = (0, 1, 2, 3, 4)
+  fine = pipeline.open_source(data, 'train', 'fine')
+  labels = pipeline.read_labels(fine)
+  trained = pipeline.open_source(data, 'train')
+  held = pipeline.open_source(data, 'train', 'held_out')
+  assert len(trained) + len(held) == len(fine) == 96
+  records = trained.__getitems__(range(len(trained)))
+  assert [r['index'] for r in records] == list(range(len(trained)))        # dense bank rows
+  want = np.asarray(data.label_map)[labels[np.isin(labels, data.train_classes)]]
+  np.testing.assert_array_equal([r['label'] for r in records], want)
+  np.testing.assert_array_equal(pipeline.read_labels(trained), want)
+  assert set(pipeline.read_labels(held)) == {5, 6, 7, 8, 9}
+  assert pipeline.num_classes(trained) == 4
+
+
+def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_path):
+  config = tiny(fake_data_config, num_epochs=1, loss='softmax')
+  config.data.label_map, config.data.num_classes = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2), 4
+  workdir = str(tmp_path / 'w')
+  state = train.train_and_evaluate(config, workdir)
+  assert 'classifier' in state.params
+  norms = np.linalg.norm(np.asarray(state.bank)[:96], axis=1)     # never written: no row
+  assert not np.any(np.isclose(norms, 1.0, atol=1e-5))             # was normalised
+  result = evaluate.evaluate_checkpoint(workdir, neighbours=3, export_dir=str(tmp_path / 'x'))
+  assert result['database'] == 'recomputed'
+  assert 0 <= result['subcategory/top1'] <= result['subcategory/top5'] <= 1
+  from PIL import Image
+  png = Image.open(os.path.join(workdir, 'neighbours', 'neighbours.png'))
+  assert png.size[0] > 11 * 84 and png.size[1] > 3 * 84
+  assert 'wrong' in open(os.path.join(workdir, 'neighbours', 'neighbours.html')).read() or (
+      result['neighbours/wrong_fraction'] == 0)
+  exported = {f: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
+  assert exported['queries.npy'].shape == (40, 16) and exported['database.npy'].shape == (96, 16)
+  np.testing.assert_array_equal(exported['query_index.npy'], np.arange(40))
+
+
+def test_novel_classes_few_shot(fake_data_config, tmp_path):
+  config = tiny(fake_data_config, num_epochs=1)
+  config.data.train_classes = (0, 1, 2, 3, 4)
+  workdir = str(tmp_path / 'w')
+  state = train.train_and_evaluate(config, workdir)
+  n_train = int(np.isin(pipeline.read_labels(pipeline.open_source(
+      fake_data_config.data, 'train')), (0, 1, 2, 3, 4)).sum())
+  assert int(np.sum(np.asarray(state.bank_labels) >= 0)) == n_train
+  result = evaluate.evaluate_checkpoint(workdir)
+  for key in ('5way1shot_nearest', '5way5shot_mean', 'knn_top1'):
+    assert 0 <= result[f'fewshot/{key}'] <= 1
+  assert result['fewshot/5way1shot_nearest_ci95'] > 0
