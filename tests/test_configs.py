@@ -8,7 +8,7 @@ from snca_jax import models
 from snca_jax import optim
 
 NAMES = ['fashion_mnist', 'cifar10_resnet18', 'cifar100_resnet18', 'imagenet_resnet18',
-         'imagenet_resnet34', 'imagenet_resnet50', 'folder']
+         'imagenet_resnet34', 'imagenet_resnet50', 'folder', 'fashion_mnist_resnet18']
 
 
 @pytest.mark.parametrize('name', NAMES)
