@@ -52,6 +52,7 @@ def get_config(options: str = ''):
   c.data.train_augment = 'crop_flip'  # see snca_jax.data.pipeline.Transform
   c.data.eval_augment = 'none'
   c.data.label_map = ()         # fine class -> the class trained on (e.g. COARSE); () = same
+  c.data.label_key = 'label'    # the record field trained on (cifar100: 'coarse_label')
   c.data.train_classes = ()     # train on these classes only; () = all
   c.data.reduced_decode = True  # let libjpeg decode large JPEGs at 1/2-1/8 scale when cropping
   c.data.num_threads = 1        # threads reading and transforming batches (training and eval)

@@ -332,7 +332,7 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
     bank_labels = distributed.to_host(state['bank_labels'])[:n]
     bank_index = np.arange(n)
   result = evaluator.run(variables, bank, bank_labels)
-  if config.data.get('label_map'):
+  if config.data.get('label_map') or config.data.get('label_key', 'label') != 'label':
     result.update(SubcategoryEvaluator(evaluator).run(variables))
   if config.data.get('train_classes'):
     result.update(FewShotEvaluator(evaluator).run(variables))

@@ -82,6 +82,8 @@ def problems(config) -> list[str]:
   need(isinstance(classes, (tuple, list)) and all(_integer(y) and y >= 0 for y in classes)
        and len(set(classes)) == len(classes), 'data.train_classes',
        'distinct class numbers >= 0')
+  need(isinstance(d.label_key, str) and d.label_key.strip(), 'data.label_key',
+       "the record field of the training label ('label', or e.g. 'coarse_label')")
   one_of('data.train_augment', d.train_augment, pipeline.KINDS)
   one_of('data.eval_augment', d.eval_augment, pipeline.KINDS)
   count('data.num_threads', d.num_threads)

@@ -154,3 +154,27 @@ def run_until(cmd, metrics, lines, sig, env):
     if p.poll() is None:
       p.kill()
   return p.returncode, out, err
+
+
+@pytest.fixture
+def tfds_mock(monkeypatch):
+  """TFDS's mock data as a prepared dataset gives it: images as encoded bytes. Without
+  TensorFlow the mock cannot encode its fake images, so PNG-encode them with PIL; and its
+  source answers `source[i]` only (tfds 4.9.10's mock `__getitems__` misses its argument), so
+  read batches one record at a time."""
+  import io
+  import tensorflow_datasets as tfds
+  from PIL import Image
+  from tensorflow_datasets.core.data_sources import array_record as tfds_array_record
+  from tensorflow_datasets.core.features import image_feature
+
+  def encode_png(self, np_image):
+    buf = io.BytesIO()
+    Image.fromarray(np_image[..., 0] if np_image.shape[-1] == 1 else np_image).save(buf, 'PNG')
+    return buf.getvalue()
+
+  monkeypatch.setattr(image_feature._ImageEncoder, '_encode_image', encode_png)
+  monkeypatch.setattr(tfds_array_record.ArrayRecordDataSource, '__getitems__',
+                      lambda self, keys: [self[k] for k in keys])
+  with tfds.testing.mock_data(num_examples=24):
+    yield

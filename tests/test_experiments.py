@@ -90,3 +90,18 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
   for key in ('5way1shot_nearest', '5way5shot_mean', 'knn_top1'):
     assert 0 <= result[f'fewshot/{key}'] <= 1
   assert result['fewshot/5way1shot_nearest_ci95'] > 0
+
+
+def test_cifar100_superclasses_from_the_records(tfds_mock, tmp_path):
+  """configs/cifar100_resnet18.py:coarse trains on TFDS's `coarse_label`, evaluates on `label`."""
+  from configs import cifar100_resnet18
+  config = cifar100_resnet18.get_config('coarse')
+  config.data.data_dir = str(tmp_path)
+  trained = pipeline.open_source(config.data, 'train')
+  fine = pipeline.open_source(config.data, 'train', 'fine')
+  records = fine.__getitems__(range(len(fine)))
+  np.testing.assert_array_equal(pipeline.read_labels(trained),
+                                [r['coarse_label'] for r in records])
+  np.testing.assert_array_equal([r['label'] for r in trained.__getitems__(range(3))],
+                                [r['coarse_label'] for r in records[:3]])
+  assert config.data.num_classes == 20

@@ -2,11 +2,9 @@
 labels read without decoding, end to end. On a real array_record dataset of JPEG and PNG files
 (written here without TensorFlow), and on TFDS's own mock data for cifar10 and imagenet2012."""
 
-import io
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 from PIL import Image
 
 from snca_jax import evaluate
@@ -51,27 +49,6 @@ def test_train_and_evaluate_on_a_tfds_image_dataset(photos_tfds, tmp_path):
   assert int(state.step) == 5
   result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'), recompute=True, k=5)
   assert result['num_queries'] == 16 and result['top1'] > 0.5     # 4 colour classes
-
-
-@pytest.fixture
-def tfds_mock(monkeypatch):
-  """TFDS's mock data as a prepared dataset gives it: images as encoded bytes. Without
-  TensorFlow the mock cannot encode its fake images, so PNG-encode them with PIL; and its
-  source answers `source[i]` only (tfds 4.9.10's mock `__getitems__` misses its argument), so
-  read batches one record at a time."""
-  from tensorflow_datasets.core.data_sources import array_record as tfds_array_record
-  from tensorflow_datasets.core.features import image_feature
-
-  def encode_png(self, np_image):
-    buf = io.BytesIO()
-    Image.fromarray(np_image[..., 0] if np_image.shape[-1] == 1 else np_image).save(buf, 'PNG')
-    return buf.getvalue()
-
-  monkeypatch.setattr(image_feature._ImageEncoder, '_encode_image', encode_png)
-  monkeypatch.setattr(tfds_array_record.ArrayRecordDataSource, '__getitems__',
-                      lambda self, keys: [self[k] for k in keys])
-  with tfds.testing.mock_data(num_examples=24):
-    yield
 
 
 @pytest.mark.parametrize('name,image_size,eval_augment', [('cifar10', 32, 'none'),

@@ -40,7 +40,8 @@ def open_source(data_config, split: str, view: str = 'train'):
   name of any TFDS dataset with `image` and `label` features, prepared as array_record.
 
   `view` says which records and labels, where the config trains on coarse labels
-  (`data.label_map`: fine class -> coarse class) or on a subset of the classes
+  (`data.label_map`: fine class -> coarse class; or `data.label_key`: the records' own coarse
+  label, such as TFDS cifar100's 'coarse_label') or on a subset of the classes
   (`data.train_classes`):
     'train'     what training sees: the training classes' records, labels mapped to coarse
     'fine'      every record, with its own (fine) label
@@ -48,23 +49,28 @@ def open_source(data_config, split: str, view: str = 'train'):
   Records are renumbered 0.. within a view, so `index` stays a dense bank row."""
   source = _open(data_config, split)
   label_map = tuple(data_config.get('label_map') or ())
+  label_key = data_config.get('label_key') or 'label'
   train_classes = tuple(data_config.get('train_classes') or ())
   if view not in VIEWS:
     raise ValueError(f'view {view!r}: use one of {VIEWS}')
-  if not train_classes and (not label_map or view == 'fine'):
+  coarse = bool(label_map) or label_key != 'label'
+  if not train_classes and (not coarse or view == 'fine'):
     return source
   positions = None
   if train_classes and view != 'fine':
     keep = np.isin(read_labels(source), train_classes)
     positions = np.flatnonzero(keep if view == 'train' else ~keep)
-  return View(source, positions, label_map if view == 'train' else ())
+  train = view == 'train'
+  return View(source, positions, label_map if train else (),
+              label_key if train else 'label')
 
 
 class View:
-  """Some records of a source (`positions`, renumbered 0..), labels mapped by `label_map`."""
+  """Some records of a source (`positions`, renumbered 0..); their label taken from the
+  record's `label_key` field and mapped by `label_map`."""
 
-  def __init__(self, source, positions=None, label_map=()):
-    self.source, self.positions = source, positions
+  def __init__(self, source, positions=None, label_map=(), label_key='label'):
+    self.source, self.positions, self.label_key = source, positions, label_key
     self.label_map = np.asarray(label_map, np.int32) if len(label_map) else None
     if self.label_map is not None:
       self.num_classes = int(self.label_map.max()) + 1
@@ -77,7 +83,7 @@ class View:
     where = keys if self.positions is None else [int(self.positions[k]) for k in keys]
     out = []
     for key, record in zip(keys, self.source.__getitems__(where)):
-      record = dict(record, index=key)
+      record = dict(record, index=key, label=record[self.label_key])
       if self.label_map is not None:
         record['label'] = int(self.label_map[int(record['label'])])
       out.append(record)
@@ -90,7 +96,8 @@ class View:
     return self._records(keys)
 
   def labels(self) -> np.ndarray:
-    labels = read_labels(self.source)
+    labels = (read_labels(self.source) if self.label_key == 'label'
+              else _labels_of(self.source, 8192, self.label_key))
     labels = labels if self.positions is None else labels[self.positions]
     return labels if self.label_map is None else self.label_map[labels]
 
@@ -235,11 +242,11 @@ class TfdsSource:
     return _labels_of(self._source, batch_size)
 
 
-def _labels_of(source, batch_size):
+def _labels_of(source, batch_size, key='label'):
   out = []
   for start in range(0, len(source), batch_size):
     records = source.__getitems__(list(range(start, min(start + batch_size, len(source)))))
-    out.append(np.asarray([r['label'] for r in records], np.int32))
+    out.append(np.asarray([r[key] for r in records], np.int32))
   return np.concatenate(out) if out else np.zeros((0,), np.int32)
 
 
