@@ -59,14 +59,14 @@ def main():
   shardings = jax.tree.map(lambda a: a.sharding, state)
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
                                   shardings=shardings, mesh=mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), jnp.float32),
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), jnp.uint8),
            'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   mem = step.lower(state, batch).compile().memory_analysis()
   bank = per_device_bytes((state.bank, state.bank_labels))
   params = per_device_bytes(state.params)
   rest = per_device_bytes((state.batch_stats, state.opt_state))
-  images = args.per_device_batch * 224 * 224 * 3 * 4
+  images = args.per_device_batch * 224 * 224 * 3          # uint8, normalised on the device
   print(f'ResNet-50, N={n:,}, {args.devices} devices, global batch {config.batch_size} '
         f'({args.per_device_batch} per device), {args.dtype} compute; per device:')
   label = f'  bank + labels (1/{args.devices} of {n * 132 * 4 / MB:.0f} MB)'

@@ -65,7 +65,7 @@ def measure(n: int, config):
   shardings = jax.tree.map(lambda a: a.sharding, state)
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
                                   shardings=shardings, mesh=mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.float32),
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 32, 32, 3), jnp.uint8),
            'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   compiled = step.lower(state, batch).compile()
