@@ -49,7 +49,10 @@ def initialize(*, multihost: bool = False, coordinator_address: str | None = Non
 
 
 def to_host(x) -> np.ndarray:
-  """A global jax.Array as one numpy array on every process (gathered across hosts if needed)."""
+  """A global jax.Array as one numpy array on every process (gathered across hosts if needed);
+  a host array as it is."""
+  if not isinstance(x, jax.Array):
+    return np.asarray(x)
   if x.is_fully_addressable:
     return np.asarray(x)
   if x.is_fully_replicated:

@@ -189,12 +189,17 @@ class FewShotEvaluator:
 def class_names(source, num_classes: int) -> list[str]:
   """Names of the classes where the dataset says them, else their numbers."""
   from snca_jax.data import fashion_mnist
+  if getattr(source, 'label_map', None) is not None or getattr(source, 'label_key',
+                                                                 'label') != 'label':
+    return [str(i) for i in range(num_classes)]                # coarse classes: their numbers
   inner = getattr(source, 'source', source)
-  if hasattr(inner, 'classes'):
+  if hasattr(inner, 'classes'):                               # image folders
     return list(inner.classes)
-  if 'fashion_mnist' in repr(inner):
+  info = getattr(inner, 'dataset_info', None) or getattr(inner, 'info', None)
+  if info is not None and info.name == fashion_mnist.FashionMnistIdx.name:
     return list(fashion_mnist.CLASS_NAMES)
-  return [str(i) for i in range(num_classes)]
+  names = getattr(inner, 'class_names', None)                 # TFDS ClassLabel names
+  return list(names) if names else [str(i) for i in range(num_classes)]
 
 
 class NeighboursEvaluator:
@@ -326,11 +331,9 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   recompute = recompute or config.get('loss', 'nca') == 'softmax'
   if recompute:
     bank, bank_labels, bank_index = evaluator.embed(variables, config.data.train_split)
-  else:
-    n = int(config.get('num_examples') or len(evaluator.source(config.data.train_split)))
-    bank = distributed.to_host(state['bank'])[:n]
-    bank_labels = distributed.to_host(state['bank_labels'])[:n]
-    bank_index = np.arange(n)
+  else:     # the sharded bank as it is (its padding rows never count)
+    bank, bank_labels = state['bank'], state['bank_labels']
+    bank_index = np.arange(bank.shape[0])
   result = evaluator.run(variables, bank, bank_labels)
   if config.data.get('label_map') or config.data.get('label_key', 'label') != 'label':
     result.update(SubcategoryEvaluator(evaluator).run(variables))
@@ -343,7 +346,9 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
     result['neighbours_dir'] = out
   if export_dir:
     queries, query_labels, query_index = evaluator.embed(variables, config.data.eval_split)
-    export_embeddings(export_dir, queries, query_labels, query_index, bank, bank_labels,
-                      bank_index)
+    n = len(bank) if recompute else int(config.get('num_examples') or len(bank))  # no padding
+    export_embeddings(export_dir, queries, query_labels, query_index,
+                      distributed.to_host(bank)[:n], distributed.to_host(bank_labels)[:n],
+                      bank_index[:n])
   return {'step': int(step), 'k': evaluator.k, 'sigma': evaluator.sigma,
           'database': 'recomputed' if recompute else 'bank', **result}

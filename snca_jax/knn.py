@@ -103,6 +103,23 @@ def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh, 
   return vote(sims, labels, sigma=sigma, num_classes=num_classes)
 
 
+def place_bank(bank, bank_labels, mesh):
+  """The bank and its labels split by rows over `mesh`: global arrays are resharded where they
+  live, host arrays placed; rows that do not split evenly are padded with rows that never
+  count (through the host, the only case that copies the bank there)."""
+  rows = state_lib.num_rows(bank.shape[0], mesh)
+  if rows != bank.shape[0]:
+    bank, bank_labels = state_lib.pad_bank(distributed.to_host(bank),
+                                           distributed.to_host(bank_labels), rows)
+
+  def place(x):
+    if isinstance(x, jax.Array):
+      return jax.device_put(x, mesh_lib.rows(mesh))
+    return distributed.put_global(x, mesh_lib.rows(mesh))
+
+  return place(bank), place(bank_labels)
+
+
 def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, mesh=None,
                  batch_size=1024, matmul_dtype=jnp.float32):
   """Weighted kNN class scores (Q, num_classes) as a numpy array.
@@ -112,17 +129,7 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
   over all devices.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  host = lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
-  rows = state_lib.num_rows(bank.shape[0], mesh)
-  if rows != bank.shape[0]:   # rows that do not split evenly over this mesh: pad, never voting
-    bank, bank_labels = state_lib.pad_bank(host(bank), host(bank_labels), rows)
-
-  def place(x):
-    if isinstance(x, jax.Array):        # a global array: resharded if it lives otherwise
-      return jax.device_put(x, mesh_lib.rows(mesh))
-    return distributed.put_global(x, mesh_lib.rows(mesh))
-
-  bank, bank_labels = place(bank), place(bank_labels)
+  bank, bank_labels = place_bank(bank, bank_labels, mesh)
   queries = np.asarray(queries, np.float32)
   out = []
   for start in range(0, len(queries), batch_size):
@@ -146,12 +153,9 @@ def _nearest_batch(queries, bank, bank_labels, *, k, mesh):
 def nearest(queries, bank, bank_labels, *, k, mesh=None):
   """(similarities, bank rows, labels), each (Q, k) numpy, of every query's k nearest rows."""
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  host = lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
-  bank, bank_labels = state_lib.pad_bank(host(bank), host(bank_labels),
-                                         state_lib.num_rows(bank.shape[0], mesh))
-  place = lambda x: distributed.put_global(x, mesh_lib.rows(mesh))
+  bank, bank_labels = place_bank(bank, bank_labels, mesh)
   q = distributed.put_global(np.asarray(queries, np.float32), mesh_lib.replicated(mesh))
-  out = _nearest_batch(q, place(bank), place(bank_labels), k=k, mesh=mesh)
+  out = _nearest_batch(q, bank, bank_labels, k=k, mesh=mesh)
   return tuple(distributed.to_host(x) for x in out)
 
 

@@ -118,8 +118,7 @@ def create_train_state(model, tx, *, key, bank_labels, image_shape, low_dim, mes
 
 
 def _host(tree):
-  return jax.tree.map(
-      lambda x: distributed.to_host(x) if isinstance(x, jax.Array) else np.asarray(x), tree)
+  return jax.tree.map(distributed.to_host, tree)
 
 
 def from_arrays(*, params, batch_stats, bank, bank_labels, tx, mesh,

@@ -75,9 +75,8 @@ def problems(config) -> list[str]:
     need(ok, f'data.{field}', f'{d.channels} finite number(s), one per channel'
          + (', each > 0' if field == 'std' else ''))
   label_map, classes = d.label_map, d.train_classes
-  need(isinstance(label_map, (tuple, list)) and all(
-      _integer(y) and 0 <= y < max(d.num_classes, 1) for y in label_map) and (
-          not label_map or not d.num_classes or set(label_map) == set(range(d.num_classes))),
+  need(isinstance(label_map, (tuple, list)) and all(_integer(y) and y >= 0 for y in label_map)
+       and (not label_map or not d.num_classes or set(label_map) == set(range(d.num_classes))),
        'data.label_map', 'one class in [0, num_classes) for each fine class, every one used')
   need(isinstance(classes, (tuple, list)) and all(_integer(y) and y >= 0 for y in classes)
        and len(set(classes)) == len(classes), 'data.train_classes',

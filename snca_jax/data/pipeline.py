@@ -218,6 +218,7 @@ class TfdsSource:
           split, decoders={'image': tfds.decode.SkipDecoding()}
           if isinstance(features.get('image'), tfds.features.Image) else None)
       self.num_classes = getattr(features.get('label'), 'num_classes', None)
+      self.class_names = getattr(features.get('label'), 'names', None)
     except Exception as e:
       raise DataError(
           f'TFDS dataset {name!r} (split {split!r}) could not be opened from {where} '
