@@ -141,7 +141,12 @@ def main():
   parser.add_argument('--n', type=int, default=256, help='JPEGs')
   parser.add_argument('--batch', type=int, default=32)
   parser.add_argument('--repeat', type=int, default=3)
+  parser.add_argument('--smoke', action='store_true', help='8 JPEGs, one pass: to check that '
+                      'it runs')
   args = parser.parse_args()
+  if args.smoke:
+    args.n, args.batch, args.repeat = 8, 4, 1
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   import torch
   torch.set_num_threads(1)
   data, kind = photos(args.n)

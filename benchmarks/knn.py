@@ -23,6 +23,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+SMOKE = 'smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing'
+
+
 def unit(x):
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
@@ -37,7 +40,7 @@ def timed(fn, repeats):
   return out, float(np.median(times))
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=1_281_167)
   p.add_argument('--d', type=int, default=128)
@@ -46,7 +49,12 @@ def main():
   p.add_argument('--classes', type=int, default=1000)
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
-  args = p.parse_args()
+  p.add_argument('--smoke', action='store_true',
+                 help='tiny sizes (N = 5,000, Q = 64), to check that it runs')
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.n, args.q, args.classes, args.batch_size, args.repeats = 5_000, 64, 10, 32, 1
+    print(SMOKE)
 
   import faiss
   import jax

@@ -18,7 +18,11 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument('--devices', type=int, default=8)
 p.add_argument('--per_device_batch', type=int, default=32)
 p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+p.add_argument('--smoke', action='store_true', help='a tiny ResNet at 32x32 with a bank of '
+               '1,000 rows on 2 devices, to check that it runs')
 args = p.parse_args()
+if args.smoke:
+  args.devices, args.per_device_batch = 2, 2
 
 import jax  # noqa: E402
 
@@ -46,28 +50,31 @@ def per_device_bytes(tree):
 def main():
   config = imagenet_resnet50.get_config()
   config.dtype = args.dtype
+  n, size = 1_281_167, 224
+  if args.smoke:
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
+    config.model, n, size = 'tiny_resnet', 1_000, 32
   config.batch_size = args.devices * args.per_device_batch
   config.grad_accum_steps = 1
-  n = 1_281_167
   mesh = mesh_lib.make_mesh()
   model = models.model_from_config(config)
   steps = n // config.batch_size
   tx = optim.make_optimizer(config, steps)
   labels = np.arange(n, dtype=np.int32) % 1000
   state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
-                                       image_shape=(224, 224, 3), low_dim=128, mesh=mesh)
+                                       image_shape=(size, size, 3), low_dim=128, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state)
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps,
                                   shardings=shardings, mesh=mesh)
-  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, 224, 224, 3), jnp.uint8),
+  batch = {'image': jax.ShapeDtypeStruct((config.batch_size, size, size, 3), jnp.uint8),
            'index': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32),
            'label': jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)}
   mem = step.lower(state, batch).compile().memory_analysis()
   bank = per_device_bytes((state.bank, state.bank_labels))
   params = per_device_bytes(state.params)
   rest = per_device_bytes((state.batch_stats, state.opt_state))
-  images = args.per_device_batch * 224 * 224 * 3          # uint8, normalised on the device
-  print(f'ResNet-50, N={n:,}, {args.devices} devices, global batch {config.batch_size} '
+  images = args.per_device_batch * size * size * 3          # uint8, normalised on the device
+  print(f'{config.model} at {size}x{size}, N={n:,}, {args.devices} devices, global batch {config.batch_size} '
         f'({args.per_device_batch} per device), {args.dtype} compute; per device:')
   label = f'  bank + labels (1/{args.devices} of {n * 132 * 4 / MB:.0f} MB)'
   print(f'{label:41s}{bank / MB:10.1f} MB')

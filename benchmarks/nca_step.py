@@ -169,7 +169,7 @@ def child(args):
                     'peak_mb': rss_mb('VmHWM') - base}))
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=1_281_167)
   p.add_argument('--b', type=int, default=256)
@@ -178,20 +178,27 @@ def main():
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--run', choices=VARIANTS, help=argparse.SUPPRESS)
-  args = p.parse_args()
+  p.add_argument('--smoke', action='store_true',
+                 help='tiny sizes (N = 2,000, B = 16), to check that it runs')
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.n, args.b, args.repeats = 2_000, 16, 1
   if args.run:
     return child(args)
+  if args.smoke:
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   bank_mb = args.n * args.d * 4 / 2**20
   print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, JAX on its default backend, CPU '
         f'x{os.cpu_count()}, median of {args.repeats}; bank = {bank_mb:.0f} MB (peak MB: '
         f'host memory)')
-  results = {}
+  results, failed = {}, []
   for v in args.variants.split(','):
     cmd = [sys.executable, __file__, '--run', v, '--n', str(args.n), '--b', str(args.b),
            '--d', str(args.d), '--chunk', str(args.chunk), '--repeats', str(args.repeats)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
       print(f'{v:6s} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}')
+      failed.append(v)
       continue
     results[v] = json.loads(r.stdout.strip().splitlines()[-1])
   floor = results.get('floor', {}).get('ms')
@@ -203,6 +210,8 @@ def main():
     if v in results:
       print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.1f}x faster than {o}"
                                  for o in ('torch', 'dense') if o in results))
+  if failed:
+    sys.exit(f'nca_step.py: variant(s) {", ".join(failed)} failed')
 
 
 if __name__ == '__main__':

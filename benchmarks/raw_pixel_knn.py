@@ -30,9 +30,14 @@ def load(idx_dir, prefix):
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--idx_dir', default=fashion_mnist.DEFAULT_IDX_DIR)
+  p.add_argument('--smoke', action='store_true', help='the first 500 training and 100 test '
+                 'images only, to check that it runs')
   args = p.parse_args()
   train_x, train_y = load(args.idx_dir, 'train')
   test_x, test_y = load(args.idx_dir, 't10k')
+  if args.smoke:
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
+    train_x, train_y, test_x, test_y = train_x[:500], train_y[:500], test_x[:100], test_y[:100]
   for k in (30, 1):
     scores = knn.knn_classify(test_x, train_x, train_y, k=k, sigma=0.05, num_classes=10)
     acc = knn.top_k_accuracy(scores, test_y, ks=(1, 5))

@@ -76,14 +76,17 @@ def measure(n: int, config):
 
 
 def main():
+  smoke = '--smoke' in sys.argv[1:]   # N = 1,000 and 5,000, batch 16: to check that it runs
   config = fashion_mnist.get_config()
-  config.model, config.low_dim, config.batch_size = 'tiny_resnet', 128, 256
+  config.model, config.low_dim, config.batch_size = 'tiny_resnet', 128, 16 if smoke else 256
+  if smoke:
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   config.data.num_classes = 1000
   print(f'{len(jax.devices())} devices, batch {config.batch_size}, D {config.low_dim}, '
         f'NCA chunk {config.nca_chunk_size or nca.default_chunk_size(config.batch_size)}')
   print(f"{'N':>10s}{'bank MB/dev max':>17s}{'min':>8s}{'step comm. KB':>15s}"
         f"{'step temp MB/dev':>18s}")
-  for n in (50_000, 1_281_167):
+  for n in (1_000, 5_000) if smoke else (50_000, 1_281_167):
     hi, lo, comm, temp = measure(n, config)
     print(f'{n:>10,}{hi / 2**20:17.2f}{lo / 2**20:8.2f}{comm / 2**10:15.1f}{temp / 2**20:18.1f}')
 

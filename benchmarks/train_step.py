@@ -78,7 +78,8 @@ def ours(args, model_name, image_size, dtype, n_bank):
   cost = on_cpu.lower(abstract, {
       'image': jax.ShapeDtypeStruct((args.batch, image_size, image_size, 3), jnp.uint8,
                                     sharding=rows),
-      'index': jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=rows)}).cost_analysis()
+      'index': jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=rows),
+      'label': jax.ShapeDtypeStruct((args.batch,), jnp.int32, sharding=rows)}).cost_analysis()
   cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
   flops = cost.get('flops', float('nan'))
 
@@ -209,7 +210,7 @@ def torch_step(args, n_bank):
   return run
 
 
-def main():
+def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--accelerator', action='store_true')
   p.add_argument('--batch', type=int, default=None)
@@ -218,7 +219,9 @@ def main():
   p.add_argument('--peak_tflops', type=float, default=None)
   p.add_argument('--skip_torch', action='store_true')
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
-  args = p.parse_args()
+  p.add_argument('--smoke', action='store_true',
+                 help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
+  args = p.parse_args(argv)
   import jax
   device = jax.devices()[0]
   if args.accelerator:
@@ -227,6 +230,11 @@ def main():
   else:
     args.batch, args.steps = args.batch or 128, args.steps or 5
     name, size, dtype, n_bank = 'cifar_resnet18', 32, 'float32', 50_000
+  if args.smoke:
+    args.batch, args.steps, args.repeats = 8, 1, 1
+    name, size, n_bank = 'tiny_resnet', 32, 1_000
+  if args.smoke:
+    print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}, bank of {n_bank:,} rows; '
         f'{len(jax.devices())} x {device.device_kind}; best of {args.repeats} runs of '
         f'{args.steps} steps')

@@ -1,0 +1,100 @@
+"""Every benchmark runs: each script in benchmarks/ (gpu.sh and its Python steps included) in
+its smoke mode, tiny sizes on the CPU, so that a change that breaks one turns the suite red.
+Where a smoke run can check a figure that does not depend on the machine, it does."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, 'benchmarks')
+
+
+def run(*cmd, devices=None):
+  env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable)
+  env.pop('XLA_FLAGS', None)
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+  assert 'smoke run' in r.stdout
+  return r.stdout
+
+
+def test_every_benchmark_has_a_smoke_test():
+  tested = {'gpu.sh', 'train_step.py', 'nca_step.py', 'knn.py', 'memory_resnet50.py',
+            'scaling.py', 'raw_pixel_knn.py', 'input_pipeline.py'}
+  scripts = {f for f in os.listdir(BENCHMARKS) if f.endswith(('.py', '.sh'))}
+  assert scripts == tested, f'benchmarks without a smoke test: {sorted(scripts - tested)}'
+
+
+def test_gpu_script_runs_the_training_step_and_the_nca_step():
+  """gpu.sh --smoke: train_step.py --accelerator (bfloat16, FLOPs counted by XLA) and
+  nca_step.py (each variant in its own process), on the CPU."""
+  out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
+  assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
+  assert 'XLA counts' in out and 'MFU' in out
+  for variant in ('ours', 'ours_bf16', 'dense', 'floor'):
+    assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
+  assert 'failed' not in out
+
+
+def test_train_step_beside_pytorch():
+  out = run(sys.executable, 'benchmarks/train_step.py', '--smoke')
+  assert re.search(r"torch, the original's step\s+[\d.]+ ms", out)
+  assert re.search(r'ours / torch: [\d.]+x', out)
+
+
+def test_nca_step_against_torch_and_its_floor():
+  out = run(sys.executable, 'benchmarks/nca_step.py', '--smoke', '--variants', 'ours,torch,floor')
+  assert re.search(r'ours: [\d.]+x faster than torch', out)
+  assert 'failed' not in out
+
+
+def test_knn_finds_faiss_neighbours():
+  """Exact search: in float32 ours finds the same K neighbours as faiss's exact index (ties
+  aside), and classifies every query alike."""
+  out = run(sys.executable, 'benchmarks/knn.py', '--smoke')
+  row = re.search(r'^ours\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out, re.M)
+  assert row, out
+  assert float(row.group(1)) >= 99.5 and float(row.group(2)) == 100.0
+  assert re.search(r'^ours_bf16\s', out, re.M)
+
+
+def test_memory_and_scaling_reports():
+  out = run(sys.executable, 'benchmarks/memory_resnet50.py', '--smoke')
+  assert re.search(r'bank \+ labels \(1/2 of', out) and 'step temporaries' in out
+  out = run(sys.executable, 'benchmarks/scaling.py', '--smoke')
+  rows = re.findall(r'^\s+([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', out, re.M)
+  assert [r[0] for r in rows] == ['1,000', '5,000']
+  # The bank per device grows with N; the step's communication does not.
+  assert float(rows[1][1]) > 4 * float(rows[0][1]) and rows[0][3] == rows[1][3]
+
+
+def test_raw_pixel_knn(fake_idx_dir):
+  """The printed accuracies are weighted kNN on L2-normalised pixels (the first 500 training
+  and 100 test images in smoke mode), as the reference computes them."""
+  from conftest import weighted_knn_reference
+  from snca_jax.data import fashion_mnist
+  out = run(sys.executable, 'benchmarks/raw_pixel_knn.py', '--smoke', '--idx_dir', fake_idx_dir)
+  printed = re.findall(r'K=\s*(\d+): top-1 ([\d.]+)%  top-5 ([\d.]+)%', out)
+  assert [k for k, _, _ in printed] == ['30', '1']
+
+  def load(prefix, n):
+    read = lambda stem: fashion_mnist.read_idx(fashion_mnist.find_idx_file(fake_idx_dir, stem))
+    x = read(f'{prefix}-images-idx3-ubyte')[:n].reshape(-1, 784).astype(np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), read(f'{prefix}-labels-idx1-ubyte')[:n]
+
+  (train_x, train_y), (test_x, test_y) = load('train', 500), load('t10k', 100)
+  for k, top1, top5 in printed:
+    want = weighted_knn_reference(test_x, test_y, train_x, train_y, k=int(k), sigma=0.05)
+    assert abs(float(top1) - 100 * want[1]) <= 1.0 and abs(float(top5) - 100 * want[5]) <= 1.0
+
+
+def test_input_pipeline():
+  out = run(sys.executable, 'benchmarks/input_pipeline.py', '--smoke')
+  assert re.search(r'ours: train transform\s+\d+', out) and 'prepare (read' in out
