@@ -6,6 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
+PILLOW_RECORD := $(VENV)/.pillow
 WORKDIR ?= workdir
 FMNIST := /usr/share/datasets/fashion-mnist
 # Pillow-SIMD replaces Pillow where it builds: the same API and filters, with resizes several
@@ -22,10 +23,16 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	@if [ ! -e /usr/include/jpeglib.h ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	  apt-get install -y -q libjpeg-dev zlib1g-dev >/dev/null 2>&1 || true; fi
-	@$(BIN)/pip uninstall -q -y pillow && \
-	  CC="cc $$(grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo -mavx2)" \
-	  $(BIN)/pip install -q $(PILLOW_SIMD) >/dev/null 2>&1 && echo "Pillow-SIMD installed" || \
-	  { echo "Pillow-SIMD could not be built: using Pillow"; $(BIN)/pip install -q -r requirements.txt; }
+	@# Exactly one of the two: both install the same PIL package, so neither may stay beside the
+	@# other. $(PILLOW_RECORD) names the one installed (tests/test_environment.py checks it).
+	@$(BIN)/pip uninstall -q -y pillow pillow-simd >/dev/null 2>&1; \
+	  if CC="cc $$(grep -qw avx2 /proc/cpuinfo 2>/dev/null && echo -mavx2)" \
+	     $(BIN)/pip install -q $(PILLOW_SIMD) >/dev/null 2>&1; then \
+	    echo "Pillow-SIMD installed"; echo Pillow-SIMD > $(PILLOW_RECORD); \
+	  else \
+	    echo "Pillow-SIMD could not be built: using Pillow"; \
+	    $(BIN)/pip install -q "$$(grep -i '^pillow==' requirements.txt)" && echo Pillow > $(PILLOW_RECORD); \
+	  fi
 	touch $@
 
 # Debian's dataset-fashion-mnist where apt-get can install it; otherwise the builder downloads
@@ -51,7 +58,7 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	touch $@
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -p no:warnings
+	$(BIN)/python -m pytest -q -p no:warnings -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)
