@@ -28,14 +28,17 @@ TRACES = collections.Counter()
 BATCH_FIELDS = ('image', 'index', 'label')
 
 
-def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
-  """The jitted step, with the state donated and every sharding stated."""
+def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
+  """`loss_and_grads(state, batch) -> (bank, batch_stats, grads, metrics)`: the bank after the
+  step, the new BatchNorm statistics, the gradient of the loss (against the bank before the
+  step) with respect to the parameters, before the optimizer sees it, and the metrics
+  {'loss', 'memory_momentum'}. The part of `train_step` that reads the batch; tests compare it
+  across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   softmax = config.get('loss', 'nca') == 'softmax'
 
-  def train_step(state: state_lib.TrainState, batch):
-    TRACES['train_step'] += 1                 # Python runs this only while tracing
+  def loss_and_grads(state: state_lib.TrainState, batch):
     momentum = memory_momentum(state.step)
     images = models.normalize_images(batch['image'], mean, std)   # uint8 -> float, on device
 
@@ -57,11 +60,24 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
 
     (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params)
+    return bank, batch_stats, grads, {'loss': loss, 'memory_momentum': momentum}
+
+  return loss_and_grads
+
+
+def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
+  """The jitted step, with the state donated and every sharding stated."""
+  loss_and_grads = make_loss_and_grads(model, config, steps_per_epoch=steps_per_epoch,
+                                       mesh=mesh)
+
+  def train_step(state: state_lib.TrainState, batch):
+    TRACES['train_step'] += 1                 # Python runs this only while tracing
+    bank, batch_stats, grads, metrics = loss_and_grads(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state, bank=bank)
-    return new_state, {'loss': loss, 'memory_momentum': momentum}
+    return new_state, metrics
 
   rows = mesh_lib.rows(mesh)
   batch_shardings = {k: rows for k in BATCH_FIELDS}
