@@ -2,21 +2,33 @@
 
 import importlib
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from snca_jax import models
 from snca_jax import optim
+from snca_jax import validate
 
 NAMES = ['fashion_mnist', 'cifar10_resnet18', 'cifar100_resnet18', 'imagenet_resnet18',
          'imagenet_resnet34', 'imagenet_resnet50', 'folder', 'fashion_mnist_resnet18']
 
 
 @pytest.mark.parametrize('name', NAMES)
-def test_config_loads(name):
+def test_config_is_valid_and_builds_its_model(name):
+  """Every config passes the checks train.py makes, and its model maps the config's images to
+  unit-norm `low_dim` embeddings (shapes only: nothing is compiled)."""
   c = importlib.import_module(f'configs.{name}').get_config()
-  assert c.model in models.MODELS
-  assert c.temperature == 0.05 and c.low_dim == 128
-  assert c.batch_size > 0 and c.grad_accum_steps >= 1
+  if c.data.name == 'folder':          # the one field a user must give
+    c.data.root = '/photos'
+  validate.check_config(c)
+  assert c.temperature == 0.05 and c.low_dim == 128          # the paper's (docs/METHOD.md)
+  model = models.model_from_config(c)
+  images = jax.ShapeDtypeStruct((2, c.data.image_size, c.data.image_size, c.data.channels),
+                                jnp.float32)
+  variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, images)
+  assert out.shape == (2, c.low_dim) and out.dtype == jnp.float32
 
 
 def test_imagenet_recipe():

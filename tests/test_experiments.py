@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 from snca_jax import evaluate
+from snca_jax import mesh as mesh_lib
 from snca_jax import train
 from snca_jax.data import pipeline
 
+from conftest import assert_accuracy_matches, weighted_knn_reference
 from test_train import tiny
 
 
@@ -67,7 +69,14 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   assert not np.any(np.isclose(norms, 1.0, atol=1e-5))             # was normalised
   result = evaluate.evaluate_checkpoint(workdir, neighbours=3, export_dir=str(tmp_path / 'x'))
   assert result['database'] == 'recomputed'
-  assert 0 <= result['subcategory/top1'] <= result['subcategory/top5'] <= 1
+  exported = {f: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
+  # Sub-categories: the same embeddings, searched with their fine labels.
+  fine = lambda split: pipeline.read_labels(pipeline.open_source(config.data, split, 'fine'))
+  np.testing.assert_array_equal(exported['query_labels.npy'],
+                                np.asarray(config.data.label_map)[fine('test')])
+  assert_accuracy_matches(result, weighted_knn_reference(
+      exported['queries.npy'], fine('test'), exported['database.npy'], fine('train'), k=30,
+      sigma=0.05), 40, prefix='subcategory/top')
   from PIL import Image
   png = Image.open(os.path.join(workdir, 'neighbours', 'neighbours.png'))
   assert png.size[0] > 11 * 84 and png.size[1] > 3 * 84
@@ -76,9 +85,10 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   assert 'Trouser' not in page and 'Coat' not in page     # coarse classes have no fine names
   names = evaluate.class_names(pipeline.open_source(fake_data_config.data, 'train'), 10)
   assert names[1] == 'Trouser' and names[9] == 'Ankle boot'
-  exported = {f: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
   assert exported['queries.npy'].shape == (40, 16) and exported['database.npy'].shape == (96, 16)
   np.testing.assert_array_equal(exported['query_index.npy'], np.arange(40))
+  np.testing.assert_array_equal(exported['database_index.npy'], np.arange(96))
+  np.testing.assert_allclose(np.linalg.norm(exported['database.npy'], axis=1), 1, rtol=1e-5)
 
 
 def test_novel_classes_few_shot(fake_data_config, tmp_path):
@@ -90,9 +100,25 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
       fake_data_config.data, 'train')), (0, 1, 2, 3, 4)).sum())
   assert int(np.sum(np.asarray(state.bank_labels) >= 0)) == n_train
   result = evaluate.evaluate_checkpoint(workdir)
-  for key in ('5way1shot_nearest', '5way5shot_mean', 'knn_top1'):
-    assert 0 <= result[f'fewshot/{key}'] <= 1
-  assert result['fewshot/5way1shot_nearest_ci95'] > 0
+  # The classes never trained on, embedded by the trained network: support from the training
+  # split, queries from the test split, each with its own labels 5..9.
+  knn_eval = evaluate.KnnEvaluator(config, mesh_lib.make_mesh())
+  from snca_jax import checkpoint, state as state_lib
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
+  saved = state_lib.restore_as_saved(mngr, mngr.latest_step(), mesh_lib.make_mesh())
+  variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
+  support, s_labels, _ = knn_eval.embed(variables, 'train', 'held_out')
+  queries, q_labels, _ = knn_eval.embed(variables, 'test', 'held_out')
+  labels = lambda split: pipeline.read_labels(pipeline.open_source(config.data, split, 'fine'))
+  np.testing.assert_array_equal(s_labels, labels('train')[labels('train') >= 5])
+  np.testing.assert_array_equal(q_labels, labels('test')[labels('test') >= 5])
+  assert_accuracy_matches({'top1': result['fewshot/knn_top1']}, weighted_knn_reference(
+      queries, q_labels, support, s_labels, k=30, sigma=0.05, ks=(1,)), len(queries))
+  for shots in (1, 5):
+    res = evaluate.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=shots)
+    for rule, (mean, ci) in res.items():
+      assert result[f'fewshot/5way{shots}shot_{rule}'] == pytest.approx(mean, abs=1e-6)
+      assert result[f'fewshot/5way{shots}shot_{rule}_ci95'] == pytest.approx(ci, abs=1e-6)
 
 
 def test_cifar100_superclasses_from_the_records(tfds_mock, tmp_path):

@@ -3,6 +3,8 @@ labels read without decoding, end to end. On a real array_record dataset of JPEG
 (written here without TensorFlow), and on TFDS's own mock data for cifar10 and imagenet2012."""
 
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,6 +12,8 @@ from PIL import Image
 from snca_jax import evaluate
 from snca_jax import train
 from snca_jax.data import pipeline
+
+from conftest import assert_accuracy_matches, weighted_knn_reference
 
 
 
@@ -60,5 +64,12 @@ def test_tfds_mock_end_to_end(tfds_mock, name, image_size, eval_augment, tmp_pat
   assert isinstance(source[0]['image'], bytes)            # decoded by the transform, not TFDS
   state = train.train_and_evaluate(config, str(tmp_path / 'w'))
   assert int(state.step) == 3 and config.data.num_classes == (10 if name == 'cifar10' else 1000)
-  result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'))
-  assert result['num_queries'] == 24 and 0.0 <= result['top1'] <= result['top5'] <= 1.0
+  result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'), export_dir=str(tmp_path / 'x'))
+  assert result['num_queries'] == 24
+  x = {f[:-4]: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
+  np.testing.assert_array_equal(x['query_labels'], pipeline.read_labels(
+      pipeline.open_source(config.data, config.data.eval_split)))
+  np.testing.assert_array_equal(x['database'], np.asarray(state.bank)[:24])
+  assert_accuracy_matches(result, weighted_knn_reference(
+      x['queries'], x['query_labels'], x['database'], x['database_labels'], k=30,
+      sigma=0.05), 24)
