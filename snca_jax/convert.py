@@ -9,8 +9,8 @@ Input, read with torch (`pip install .[convert]`):
     `params` holds [temperature, memory momentum]), `epoch`, `best_prec1`, `optimizer`;
   - or a plain state dict of a torchvision ResNet (ImageNet layout) or of the original's
     CIFAR ResNet (`models/resnet_cifar.py`: conv1, layer1..4 with `shortcut`, `linear`).
-The pickle is read by `torch_pickle`'s unpickler, which runs no code the file names;
-`torch_weights` maps the weights.
+The pickle is read by `torch_pickle`'s unpickler, which runs no code the file names and
+refuses any tensor larger than the data the file holds; `torch_weights` maps the weights.
 
 Output: an Orbax checkpoint of the train state (params, batch statistics, a fresh optimizer
 state, the bank and, given `--labels` or `--labels_dataset`, its labels; otherwise every bank row
@@ -26,6 +26,22 @@ import numpy as np
 from snca_jax.errors import CheckpointError, ConfigError
 from snca_jax.torch_pickle import load_torch_checkpoint
 from snca_jax.torch_weights import infer_architecture, split_checkpoint, torch_to_flax, to_numpy
+
+def _bank_array(memory, src) -> np.ndarray:
+  """The original's memory bank as a C-ordered float32 (rows, dim) array. The pickled tensor
+  may be any view that lies inside its storage (the unpickler refuses the others), e.g. an
+  expanded, stride-0 one: its values are read through its strides, never its raw storage."""
+  try:
+    bank = np.ascontiguousarray(to_numpy(memory), dtype=np.float32)
+  except (TypeError, ValueError, RuntimeError) as e:
+    raise CheckpointError(f'the memory bank of {src} is not an array of numbers '
+                          f'({type(e).__name__}: {e}): not a checkpoint the converter can '
+                          f'read') from None
+  if bank.ndim != 2 or not bank.shape[1]:
+    raise CheckpointError(f'the memory bank of {src} has shape {bank.shape}, not (rows, dim): '
+                          f'not a checkpoint the converter can read')
+  return bank
+
 
 def _labels_file(path):
   if path.endswith('.npy'):
@@ -101,7 +117,7 @@ def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_d
   config.model = arch
   bank = None
   if memory is not None:
-    bank = to_numpy(memory.buffer('memory')).astype(np.float32)
+    bank = _bank_array(memory.buffer('memory'), src)
     mem_params = memory.buffer('params')
     if mem_params is not None:
       config.temperature = float(to_numpy(mem_params)[0])
