@@ -7,6 +7,7 @@ features.
 """
 
 import json
+import os
 
 import jax
 from absl import app
@@ -19,7 +20,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Training workdir; its latest checkpoint is evaluated.')
 flags.DEFINE_string('checkpoint', None, 'A checkpoint directory (one step, or the directory of '
                     'steps: the latest is taken). Overrides --workdir.')
-flags.DEFINE_integer('k', None, 'Neighbours (default: the config, 30).')
+flags.DEFINE_integer('k', None, 'Neighbours (default: the config, 30); a database with fewer '
+                     'images is searched whole, and the result says the K used.')
 flags.DEFINE_float('sigma', None, 'Vote temperature (default: the training temperature).')
 flags.DEFINE_bool('recompute', False, 'Re-embed the training set with the evaluation '
                   'transform and search it instead of the bank.')
@@ -28,7 +30,7 @@ flags.DEFINE_string('data_dir', None, 'TFDS data dir, where it differs from trai
 flags.DEFINE_string('idx_dir', None, 'Fashion-MNIST IDX files, where they differ from training.')
 flags.DEFINE_string('output', None, 'Also write the results as JSON to this file.')
 flags.DEFINE_integer('neighbours', 0, 'Write a PNG grid and an HTML page of this many '
-                     'evaluation images and their nearest training images.')
+                     'evaluation images (at most 200) and their nearest training images.')
 flags.DEFINE_string('neighbours_dir', None, 'Where to write them (default: WORKDIR/neighbours).')
 flags.DEFINE_string('export', None, 'Write embeddings, labels and record indices of queries '
                     'and database as .npy files to this directory.')
@@ -38,6 +40,8 @@ def evaluate_and_report():
   path = FLAGS.checkpoint or FLAGS.workdir
   if not path:
     raise ValueError('give --workdir DIR (a training run) or --checkpoint PATH')
+  if FLAGS.output:           # checked before the evaluation, not after it
+    check_output(FLAGS.output)
   result = evaluate.evaluate_checkpoint(
       path, k=FLAGS.k, sigma=FLAGS.sigma, recompute=FLAGS.recompute,
       batch_size=FLAGS.batch_size,
@@ -45,20 +49,45 @@ def evaluate_and_report():
       neighbours=FLAGS.neighbours, neighbours_dir=FLAGS.neighbours_dir, export_dir=FLAGS.export)
   if jax.process_index() != 0:
     return
-  print(f"kNN (K={result['k']}, sigma={result['sigma']:g}, database: {result['database']}) "
-        f"on {result['num_queries']} images, checkpoint step {result['step']}: "
-        f"top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
+  clamped = (f" (the whole database: {result['database_size']} images, fewer than the "
+             f"{result['k_requested']} asked for)" if 'k_requested' in result else '')
+  print(f"kNN (K={result['k']}{clamped}, sigma={result['sigma']:g}, database: "
+        f"{result['database']}) on {result['num_queries']} images, checkpoint step "
+        f"{result['step']}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
   for key, value in result.items():
-    if key.startswith(('subcategory/', 'fewshot/')) and not key.endswith('_ci95'):
-      ci = result.get(key + '_ci95')
-      print(f'{key}: {100 * value:.2f}%' + (f' +- {100 * ci:.2f}' if ci is not None else ''))
+    if not key.startswith(('subcategory/', 'fewshot/')) or key.endswith('_ci95'):
+      continue
+    if key.endswith(('/k', '_k')):       # a database smaller than K: all of it
+      print(f'{key}: {value} (all of its database)')
+      continue
+    ci = result.get(key + '_ci95')
+    print(f'{key}: {100 * value:.2f}%' + (f' +- {100 * ci:.2f}' if ci is not None else ''))
   if 'neighbours_dir' in result:
-    print(f"neighbour pictures: {result['neighbours_dir']}/neighbours.png and .html")
+    print(f"neighbour pictures of {result['neighbours/num_queries']} images: "
+          f"{result['neighbours_dir']}/neighbours.png and .html")
   if FLAGS.export:
     print(f'embeddings written to {FLAGS.export}')
   if FLAGS.output:
     with open(FLAGS.output, 'w') as f:
       json.dump(result, f, indent=1)
+
+
+def check_output(path):
+  """--output must name a file that can be written: one line now, not a traceback after the
+  whole evaluation."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    why = 'is a folder'
+  elif not os.path.isdir(parent):
+    why = f'is in {parent}, which ' + ('is a file' if os.path.exists(parent) else
+                                       'does not exist')
+  elif not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path)
+                                                     and not os.access(path, os.W_OK)):
+    why = 'cannot be written'
+  else:
+    return
+  raise ValueError(f'--output={path} {why}: give the path of a JSON file to write (its folder '
+                   f'must exist)')
 
 
 def main(argv):

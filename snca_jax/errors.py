@@ -20,3 +20,7 @@ class CheckpointError(SncaError):
 
 class TrainingError(SncaError):
   """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class Interrupted(SncaError):
+  """SIGTERM / SIGINT at a point where stopping at once loses nothing."""

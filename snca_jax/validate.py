@@ -75,12 +75,24 @@ def problems(config) -> list[str]:
     need(ok, f'data.{field}', f'{d.channels} finite number(s), one per channel'
          + (', each > 0' if field == 'std' else ''))
   label_map, classes = d.label_map, d.train_classes
-  need(isinstance(label_map, (tuple, list)) and all(_integer(y) and y >= 0 for y in label_map)
-       and (not label_map or not d.num_classes or set(label_map) == set(range(d.num_classes))),
-       'data.label_map', 'one class in [0, num_classes) for each fine class, every one used')
+  # With num_classes 0 a label map makes max(label_map) + 1 classes, so that every class in
+  # between must be used too.
+  map_ok = isinstance(label_map, (tuple, list)) and all(_integer(y) and y >= 0
+                                                        for y in label_map)
+  used = set(range(d.num_classes if _integer(d.num_classes) and d.num_classes > 0 else
+                   (max(label_map) + 1 if map_ok and label_map else 0)))
+  need(map_ok and (not label_map or set(label_map) == used), 'data.label_map',
+       'one class in [0, num_classes) for each fine class, every one used (with '
+       'num_classes=0: each of 0..max(label_map))')
+  # train_classes are fine classes: those of the label map where there is one, else (labels
+  # trained as they are) the classes that num_classes counts.
+  fine = (len(label_map) if map_ok and label_map else
+          d.num_classes if d.label_key == 'label' and _integer(d.num_classes) else 0)
   need(isinstance(classes, (tuple, list)) and all(_integer(y) and y >= 0 for y in classes)
-       and len(set(classes)) == len(classes), 'data.train_classes',
-       'distinct class numbers >= 0')
+       and len(set(classes)) == len(classes) and (not fine or all(y < fine for y in classes)),
+       'data.train_classes', 'distinct class numbers >= 0'
+       + ((f', each a fine class: below len(label_map) = {fine}' if map_ok and label_map else
+           f', each below num_classes = {fine}') if fine else ''))
   need(isinstance(d.label_key, str) and d.label_key.strip(), 'data.label_key',
        "the record field of the training label ('label', or e.g. 'coarse_label')")
   one_of('data.train_augment', d.train_augment, pipeline.KINDS)

@@ -6,6 +6,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from snca_jax.data import folder
 from snca_jax.data import pipeline
 from snca_jax.errors import DataError
 
-from conftest import final_state, make_image_tree, run_until
+from conftest import final_state, make_image_tree, run_until, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,11 +109,186 @@ def test_changed_classes_after_prepare(tmp_path):
     pipeline.open_source(config.data, 'train')
 
 
+def _config(root):
+  config = imagenet_resnet18.get_config('folder')
+  config.data.root = root
+  return config
+
+
+def _labels(config, split):
+  return list(pipeline.read_labels(pipeline.open_source(config.data, split)))
+
+
+def test_every_split_is_labelled_by_the_training_split_classes(tmp_path):
+  """val/cat gets train's label of cat, not val's own class number; a val split with fewer
+  classes is fine, and reopening it (prepared) neither re-labels it nor says it changed."""
+  root = str(tmp_path / 'p')
+  make_image_tree(root, per_class={'train': 2})                        # Bird, cat, dog, zebra
+  make_image_tree(root, classes=('cat', 'dog'), per_class={'val': 2})
+  config = _config(root)
+  val = pipeline.open_source(config.data, 'val')
+  assert val.classes == ['Bird', 'cat', 'dog', 'zebra'] and pipeline.num_classes(val) == 4
+  assert val.meta['split_classes'] == ['cat', 'dog']
+  assert _labels(config, 'val') == [1, 1, 2, 2]
+  assert [r['label'] for r in val.__getitems__(range(4))] == [1, 1, 2, 2]
+  assert _labels(config, 'train') == [0, 0, 1, 1, 2, 2, 3, 3]
+  again = pipeline.open_source(config.data, 'val')                     # prepared: same labels
+  assert again.meta == val.meta and _labels(config, 'val') == [1, 1, 2, 2]
+  # The training split's classes change after val was prepared: val's labels are stale.
+  make_image_tree(root, classes=('Ant',), per_class={'train': 1})
+  with pytest.raises(DataError, match='training split .* changed since val was prepared'):
+    pipeline.open_source(config.data, 'val')
+
+
+def test_a_split_with_classes_the_training_split_lacks_is_a_clear_error(tmp_path):
+  root = str(tmp_path / 'p')
+  make_image_tree(root, classes=('cat', 'dog'), per_class={'train': 1})
+  make_image_tree(root, classes=('cat', 'horse', 'dog'), per_class={'val': 1})
+  config = _config(root)
+  with pytest.raises(DataError, match=r'^[^\n]*horse[^\n]*training split[^\n]*$') as e:
+    pipeline.open_source(config.data, 'val')
+  assert 'class folder(s) horse that the training split' in str(e.value)    # horse alone
+  assert not os.path.exists(os.path.join(root, 'snca_prepared', 'val'))
+  with pytest.raises(DataError, match='horse'):                       # folder level too
+    folder.list_images(os.path.join(root, 'val'), ['cat', 'dog'])
+
+
+def _within(fn, seconds=20.0, on_timeout=None):
+  """fn()'s result; fails (rather than hangs) when it has not returned within `seconds`."""
+  result = {}
+
+  def target():
+    try:
+      result['value'] = fn()
+    except BaseException as e:  # noqa: BLE001  (re-raised below)
+      result['error'] = e
+
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(seconds)
+  if thread.is_alive():
+    if on_timeout is not None:
+      on_timeout()
+    pytest.fail(f'did not return within {seconds} s')
+  if 'error' in result:
+    raise result['error']
+  return result['value']
+
+
+def _special_tree(tmp_path):
+  """train/{cat,dog} with one image each, a symlink cycle across the two class folders (two
+  links each way, so a walk that follows it never ends), a FIFO `x.png`, a symlink to
+  /dev/zero `z.jpg` and a symlinked directory that is not a cycle."""
+  root = str(tmp_path / 'p')
+  make_image_tree(root, classes=('cat', 'dog'), per_class={'train': 1})
+  train = os.path.join(root, 'train')
+  for a, b in (('cat', 'dog'), ('dog', 'cat')):
+    for name in ('loop1', 'loop2'):
+      os.symlink(os.path.join('..', b), os.path.join(train, a, name))
+  os.mkfifo(os.path.join(train, 'cat', 'x.png'))
+  os.symlink('/dev/zero', os.path.join(train, 'dog', 'z.jpg'))
+  make_image_tree(str(tmp_path / 'elsewhere'), classes=('extra',), per_class={'train': 1})
+  os.symlink(os.path.join(str(tmp_path), 'elsewhere', 'train', 'extra'),
+             os.path.join(train, 'dog', 'linked'))
+  return root
+
+
+def test_special_files_are_ignored_and_cycles_end(tmp_path):
+  """Regular files only (after following links), each directory walked once."""
+  root = _special_tree(tmp_path)
+  files = _within(lambda: folder.list_images(os.path.join(root, 'train')))
+  # Each class walks dog's folder once (through loop1, not again through loop2), and the
+  # linked folder that is no cycle; not x.png nor z.jpg.
+  assert files == [('cat/loop1/linked/more/extra_000.jpg', 0),
+                   ('cat/loop1/more/dog_000.png', 0),
+                   ('cat/more/cat_000.jpg', 0),
+                   ('dog/linked/more/extra_000.jpg', 1),
+                   ('dog/loop1/more/cat_000.jpg', 1),
+                   ('dog/more/dog_000.png', 1)]
+  source = _within(lambda: pipeline.open_source(_config(root).data, 'train'))
+  assert len(source) == 6 and source.meta['skipped'] == []
+  assert [r['file'] for r in source.__getitems__(range(6))] == [f for f, _ in files]
+
+
+def test_reading_a_fifo_does_not_block(tmp_path):
+  fifo = str(tmp_path / 'x.png')
+  os.mkfifo(fifo)
+
+  def unblock():                          # lets a reader blocked in open() go on
+    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+  data, error = _within(lambda: folder._read_or_error(fifo), 10, unblock)
+  assert data is None and 'not a regular file' in error
+
+
+def test_a_dangling_symlink_is_a_bad_file(tmp_path):
+  root = str(tmp_path / 'p')
+  make_image_tree(root, per_class={'train': 2})
+  os.symlink('missing', os.path.join(root, 'train', 'cat', 'a.jpg'))
+  config = _config(root)
+  with pytest.raises(DataError, match=r'^[^\n]*cat/a\.jpg is not a decodable image[^\n]*'
+                                      r'skip_bad_images[^\n]*$'):
+    pipeline.open_source(config.data, 'train')
+  config.data.skip_bad_images = True
+  source = pipeline.open_source(config.data, 'train')
+  assert len(source) == 8 and source.meta['skipped'] == ['cat/a.jpg']
+
+
+def test_stale_temporaries_of_a_killed_prepare_are_removed(tmp_path):
+  root = str(tmp_path / 'p')
+  make_image_tree(root, per_class={'train': 1})
+  stale = os.path.join(root, 'snca_prepared', 'train.incomplete-99999')
+  _touch(os.path.join(stale, 'records-00000-of-00001.array_record'), b'\0' * 1000)
+  source = pipeline.open_source(_config(root).data, 'train')
+  assert len(source) == 4
+  assert os.listdir(os.path.join(root, 'snca_prepared')) == ['train']     # no lock file left
+
+
+def test_concurrent_prepares_of_one_split_prepare_it_once(tmp_path, monkeypatch):
+  root = str(tmp_path / 'p')
+  make_image_tree(root, per_class={'train': 2})
+  config = _config(root)
+  write, calls = folder._write, []
+
+  def slow_write(*args, **kwargs):          # long enough for the other run to start meanwhile
+    calls.append(1)
+    time.sleep(0.3)
+    return write(*args, **kwargs)
+
+  monkeypatch.setattr(folder, '_write', slow_write)
+  barrier = threading.Barrier(2)
+
+  def open_train():
+    barrier.wait()
+    source = pipeline.open_source(config.data, 'train')
+    return source, list(pipeline.read_labels(source))
+
+  results, errors = [None, None], []
+
+  def run(i):
+    try:
+      results[i] = open_train()
+    except BaseException as e:  # noqa: BLE001  (reported below)
+      errors.append(e)
+
+  threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(20)
+  assert not any(t.is_alive() for t in threads), 'a prepare did not return within 20 s'
+  assert not errors, errors
+  assert len(calls) == 1
+  (a, la), (b, lb) = results
+  assert la == lb == [0, 0, 1, 1, 2, 2, 3, 3] and a.meta == b.meta
+  assert len(a.__getitems__(range(8))) == len(b.__getitems__(range(8))) == 8
+  assert os.listdir(os.path.join(root, 'snca_prepared')) == ['train']
+
+
 # --- End to end: the shrunk ImageNet recipe on the folder, through train.py and eval_knn.py.
 
 def _env():
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  env = subprocess_env(2)
   return env
 
 

@@ -70,3 +70,30 @@ def test_combinations():
   with pytest.raises(ConfigError) as e:
     validate.check_config(c)
   assert str(e.value).startswith('bad config: data.mean=(0.286,)') and '\n' not in str(e.value)
+
+
+def test_label_map_and_train_classes_against_the_class_count():
+  """With num_classes 0 a label map makes max(label_map) + 1 classes, every one used; the
+  training classes are fine classes: below len(label_map), or below num_classes."""
+  from configs import cifar100_resnet18, fashion_mnist
+
+  def fields(**data):
+    c = fashion_mnist.get_config()
+    for key, value in data.items():
+      c.data[key] = value
+    return [p.split('=')[0] for p in validate.problems(c)], validate.problems(c)
+
+  assert fields(num_classes=0, label_map=(0, 2, 0))[0] == ['data.label_map']   # 1 unused
+  assert 'num_classes=0: each of 0..max(label_map)' in fields(num_classes=0,
+                                                              label_map=(0, 2, 0))[1][0]
+  assert fields(num_classes=0, label_map=(0, 1, 0)) == ([], [])
+  assert fields(train_classes=(0, 11))[1] == [
+      'data.train_classes=(0, 11): distinct class numbers >= 0, each below num_classes = 10']
+  assert fields(train_classes=(0, 9)) == ([], [])
+  coarse = fashion_mnist.COARSE
+  assert fields(label_map=coarse, num_classes=4, train_classes=(9, 10))[0] == [
+      'data.train_classes']
+  assert fields(label_map=coarse, num_classes=0, train_classes=(0, 9)) == ([], [])
+  c = cifar100_resnet18.get_config('coarse')      # coarse labels from the records: 100 fine
+  c.data.train_classes = (0, 50, 99)
+  assert validate.problems(c) == []

@@ -2,10 +2,17 @@
 
 The tree is read in torchvision `ImageFolder` order, the original's order: classes are the
 sub-directories of the split sorted by name, and within a class the files found by walking it
-(`sorted(os.walk(...))`, then each directory's file names sorted) whose extension is an image
-extension (`images.IMG_EXTENSIONS`, case-insensitive); other files (`.DS_Store`, `Thumbs.db`, a
-README) are ignored. Record `i` is that list's file `i`, so bank row `i` is the original's row
-`i`.
+(`sorted(os.walk(..., followlinks=True))`, then each directory's file names sorted) whose
+extension is an image extension (`images.IMG_EXTENSIONS`, case-insensitive); other files
+(`.DS_Store`, `Thumbs.db`, a README) are ignored, and so is anything that is not a regular file
+once symlinks are followed (a FIFO, a device: a link to /dev/zero), whatever its name; a
+dangling symlink is kept, and is a bad file when prepared. Symlinked directories are followed,
+but each directory is walked once per class (by device and inode, the first path to it in
+sorted order), so a symlink cycle ends. Record `i` is that list's file `i`, so bank row `i` is
+the original's row `i`.
+
+Labels are indices into one class list, the training split's: another split (`val`) may lack
+some of its classes, but a class folder that the training split does not have is an error.
 
 Preparing reads every file once, checks that PIL decodes it (JPEGs at 1/8 scale, which still
 reads their whole entropy-coded stream), and writes its bytes unchanged with its label, index
@@ -13,18 +20,28 @@ and path relative to the split directory:
 
     <prepared_dir>/<split>/records-00000-of-000NN.array_record   one msgpack record per image
     <prepared_dir>/<split>/labels.npy                             int32, in record order
-    <prepared_dir>/<split>/meta.json                              classes, files, skipped files
+    <prepared_dir>/<split>/files.txt                              paths, in record order
+    <prepared_dir>/<split>/meta.json                              classes (the list labels
+        index: the training split's), split_classes (the split's own folders), skipped files
 
-Everything is written to a temporary directory that is renamed into place when complete, so an
-interrupted prepare leaves nothing that looks prepared. A file that is not a decodable image
-stops the prepare with its name, or with `skip_bad_images` is left out and counted.
+Everything is written to a temporary directory `<split>.incomplete-PID` that is renamed into
+place when complete, so an interrupted prepare leaves nothing that looks prepared. A prepare
+holds an exclusive lock (`fcntl.flock` on `<split>.lock`, removed when done) from start to end:
+a second run preparing the same split waits, then uses the split the first one finished; and
+the holder removes the temporaries that killed prepares left. A file that is not a decodable
+image (or cannot be read) stops the prepare with its name, or with `skip_bad_images` is left
+out and listed.
 """
 
 import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
+import stat
 import time
 
 import grain
@@ -40,6 +57,8 @@ from snca_jax.errors import DataError
 _SHARD_BYTES = 1 << 30
 _META = 'meta.json'
 
+log = logging.getLogger('snca_jax')
+
 
 def find_classes(split_dir: str) -> list[str]:
   """torchvision's `find_classes`: the sub-directories' names, sorted."""
@@ -54,16 +73,78 @@ def find_classes(split_dir: str) -> list[str]:
   return classes
 
 
+def check_classes(split_dir: str, split_classes, classes, train_dir: str | None = None):
+  """Raises unless every class folder of the split is one of `classes` (the training split's)."""
+  extra = sorted(set(split_classes) - set(classes))
+  if extra:
+    names = ', '.join(extra[:5]) + (f' and {len(extra) - 5} more' if len(extra) > 5 else '')
+    train = f'the training split {train_dir}' if train_dir else 'the training split'
+    raise DataError(f'{split_dir} has class folder(s) {names} that {train} does not have, and '
+                    f'labels are the training split\'s class indices: add those classes to the '
+                    f'training split, or remove them from {split_dir}')
+
+
+def _walk(top: str) -> list[tuple[str, list[os.DirEntry]]]:
+  """`sorted(os.walk(top, followlinks=True))` as (directory, its non-directory entries), but
+  each directory once (by (st_dev, st_ino)): one reached again, through a symlink cycle or a
+  second link, is not walked again. Sub-directories are walked in sorted order, so which path
+  reaches a directory first does not depend on the file system's listing order."""
+  seen, out, stack = set(), [], [top]
+  while stack:
+    directory = stack.pop()
+    try:
+      st = os.stat(directory)
+      if (st.st_dev, st.st_ino) in seen:
+        continue
+      seen.add((st.st_dev, st.st_ino))
+      entries = list(os.scandir(directory))
+    except OSError:                   # os.walk skips what it cannot list
+      continue
+    dirs, files = [], []
+    for entry in entries:
+      try:
+        is_dir = entry.is_dir()         # follows symlinks, as os.walk(followlinks=True)
+      except OSError:
+        is_dir = False
+      (dirs if is_dir else files).append(entry)
+    out.append((directory, files))
+    stack.extend(os.path.join(directory, e.name) for e in sorted(dirs, key=lambda e: e.name,
+                                                                  reverse=True))
+  return sorted(out, key=lambda t: t[0])
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+  """A regular file after following symlinks, or a symlink that cannot be followed (kept, to
+  be reported as a bad file); not a FIFO, a device or a socket."""
+  try:
+    if entry.is_file():
+      return True
+    if not entry.is_symlink():
+      return False
+    os.stat(entry.path)
+    return False                      # a link to something that is not a regular file
+  except OSError:
+    return True
+
+
 def list_images(split_dir: str, classes=None) -> list[tuple[str, int]]:
-  """(path relative to `split_dir`, class index) of every image, in ImageFolder order."""
-  classes = find_classes(split_dir) if classes is None else classes
+  """(path relative to `split_dir`, index in `classes`) of every image, in ImageFolder order.
+  `classes`: the class list to label by (the training split's), default the split's own class
+  folders; the split may lack some of them, but may not have others."""
+  split_classes = find_classes(split_dir)
+  classes = split_classes if classes is None else list(classes)
+  check_classes(split_dir, split_classes, classes)
+  present = set(split_classes)
   out = []
   for label, name in enumerate(classes):
-    for root, _, files in sorted(os.walk(os.path.join(split_dir, name), followlinks=True)):
+    if name not in present:
+      continue
+    for root, files in _walk(os.path.join(split_dir, name)):
       rel = os.path.relpath(root, split_dir)
-      out.extend((os.path.join(rel, f), label) for f in sorted(files)
-                 if f.lower().endswith(images.IMG_EXTENSIONS))
-  empty = sorted(set(classes) - {classes[label] for _, label in out})
+      out.extend((os.path.join(rel, e.name), label)
+                 for e in sorted(files, key=lambda e: e.name)
+                 if e.name.lower().endswith(images.IMG_EXTENSIONS) and _is_file(e))
+  empty = sorted(present - {classes[label] for _, label in out})
   if empty:
     raise DataError(f'class folder(s) {", ".join(empty[:5])} in {split_dir} hold no image '
                     f'({", ".join(images.IMG_EXTENSIONS)}): add images or remove the folder')
@@ -72,7 +153,10 @@ def list_images(split_dir: str, classes=None) -> list[tuple[str, int]]:
 
 def _read_checked(path: str) -> bytes:
   """The file's bytes, after PIL has decoded them (raises on anything not a whole image)."""
-  with open(path, 'rb') as f:
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)       # a FIFO does not block the open
+  with open(fd, 'rb') as f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):          # a FIFO, a device such as /dev/zero
+      raise ValueError('not a regular file')
     data = f.read()
   image = images.open_image(data)
   if image.format == 'JPEG':
@@ -89,25 +173,92 @@ def deserialize(record: bytes) -> dict:
   return msgpack.unpackb(record)
 
 
-def prepare(split_dir: str, out_dir: str, *, skip_bad_images: bool = False,
-            num_threads: int | None = None, show_progress: bool = True) -> dict:
-  """Writes the prepared split of `split_dir` to `out_dir` (see the module doc); returns meta."""
-  classes = find_classes(split_dir)
-  files = list_images(split_dir, classes)
-  tmp = f'{out_dir}.incomplete-{os.getpid()}'
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
+@contextlib.contextmanager
+def _locked(path: str):
+  """Holds an exclusive flock on the file `path` (created, and removed when released); yields
+  whether it is held (False where the file system has no locks: a warning, no lock)."""
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+      raise DataError(f'cannot create the lock file {path} ({e.strerror}): set '
+                      f'--config.data.prepared_dir to a writable folder') from e
+    try:
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        log.info('waiting for another process preparing %s (it holds %s)',
+                 path[:-len('.lock')], path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+      os.close(fd)
+      log.warning('cannot lock %s (%s): preparing without a lock; do not prepare the same '
+                  'split from two runs at once', path, e.strerror)
+      yield False
+      return
+    try:                    # the holder before us may have removed the file: lock it anew
+      same = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except OSError:
+      same = False
+    if same:
+      break
+    os.close(fd)
   try:
-    meta = _write(split_dir, tmp, classes, files, skip_bad_images, num_threads, show_progress)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.rename(tmp, out_dir)
+    yield True
   finally:
+    try:
+      os.unlink(path)       # while still held, so no one waits on a removed file unawares
+    except OSError:
+      pass
+    os.close(fd)
+
+
+def read_meta(out_dir: str) -> dict:
+  with open(os.path.join(out_dir, _META)) as f:
+    return json.load(f)
+
+
+def prepare(split_dir: str, out_dir: str, *, classes=None, skip_bad_images: bool = False,
+            num_threads: int | None = None, show_progress: bool = True) -> dict:
+  """Writes the prepared split of `split_dir` to `out_dir` (see the module doc); returns meta.
+  `classes`: the class list to label by (the training split's; default the split's own). If
+  another run has prepared `out_dir` meanwhile (or had before), that is used, not redone."""
+  out_dir = os.path.abspath(out_dir)
+  parent, name = os.path.split(out_dir)
+  os.makedirs(parent, exist_ok=True)
+  with _locked(f'{out_dir}.lock') as held:
+    if is_prepared(out_dir):
+      return read_meta(out_dir)
+    if held:                          # no one else is preparing: any temporary is stale
+      for entry in os.listdir(parent):
+        if entry.startswith(f'{name}.incomplete-'):
+          shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+    split_classes = find_classes(split_dir)
+    classes = split_classes if classes is None else list(classes)
+    files = list_images(split_dir, classes)
+    tmp = f'{out_dir}.incomplete-{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+      meta = _write(split_dir, tmp, classes, split_classes, files, skip_bad_images,
+                    num_threads, show_progress)
+      shutil.rmtree(out_dir, ignore_errors=True)
+      os.rename(tmp, out_dir)
+    finally:
+      shutil.rmtree(tmp, ignore_errors=True)
   return meta
 
 
-def _write(split_dir, tmp, classes, files, skip_bad_images, num_threads, show_progress):
-  total_bytes = sum(os.path.getsize(os.path.join(split_dir, f)) for f, _ in files)
+def _size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:                     # a dangling symlink: reported when it is read
+    return 0
+
+
+def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_threads,
+           show_progress):
+  total_bytes = sum(_size(os.path.join(split_dir, f)) for f, _ in files)
   num_shards = max(1, -(-total_bytes // _SHARD_BYTES))
   per_shard = -(-len(files) // num_shards)
   shard_names = [f'records-{i:05d}-of-{num_shards:05d}.array_record' for i in range(num_shards)]
@@ -116,32 +267,35 @@ def _write(split_dir, tmp, classes, files, skip_bad_images, num_threads, show_pr
   t0 = time.time()
   bar = tqdm.tqdm(total=len(files), desc=f'preparing {split_dir}', unit='img',
                   disable=not show_progress, dynamic_ncols=True)
-  with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
-    checked = _ordered_map(pool, _read_or_error, [os.path.join(split_dir, f) for f, _ in files])
-    for (rel, label), (data, error) in zip(files, checked):
-      bar.update(1)
-      if error is not None:
-        if not skip_bad_images:
-          raise DataError(f'{os.path.join(split_dir, rel)} is not a decodable image ({error}): '
-                          f'remove it, or set --config.data.skip_bad_images=True to leave out '
-                          f'such files')
-        skipped.append(rel)
-        continue
-      if len(kept) // per_shard != shard:
-        if writer is not None:
-          writer.close()
-        shard = len(kept) // per_shard
-        writer = array_record_module.ArrayRecordWriter(
-            os.path.join(tmp, shard_names[shard]), 'group_size:1')
-      writer.write(serialize(data, label, len(kept), rel))
-      labels.append(label)
-      kept.append(rel)
-  bar.close()
-  if writer is not None:
-    writer.close()
+  try:      # the bar and the shard closed on every path: no stale bar after an error
+    with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
+      checked = _ordered_map(pool, _read_or_error, [os.path.join(split_dir, f) for f, _ in files])
+      for (rel, label), (data, error) in zip(files, checked):
+        bar.update(1)
+        if error is not None:
+          if not skip_bad_images:
+            raise DataError(f'{os.path.join(split_dir, rel)} is not a decodable image ({error}): '
+                            f'remove it, or set --config.data.skip_bad_images=True to leave out '
+                            f'such files')
+          skipped.append(rel)
+          continue
+        if len(kept) // per_shard != shard:
+          if writer is not None:
+            writer.close()
+          shard = len(kept) // per_shard
+          writer = array_record_module.ArrayRecordWriter(
+              os.path.join(tmp, shard_names[shard]), 'group_size:1')
+        writer.write(serialize(data, label, len(kept), rel))
+        labels.append(label)
+        kept.append(rel)
+  finally:
+    bar.close()
+    if writer is not None:
+      writer.close()
   if not kept:
     raise DataError(f'no decodable image in {split_dir}')
-  meta = {'split_dir': os.path.abspath(split_dir), 'classes': classes, 'num_records': len(kept),
+  meta = {'split_dir': os.path.abspath(split_dir), 'classes': classes,
+          'split_classes': split_classes, 'num_records': len(kept),
           'shards': shard_names[:shard + 1], 'skipped': skipped,
           'seconds': round(time.time() - t0, 1)}
   np.save(os.path.join(tmp, 'labels.npy'), np.asarray(labels, np.int32))
@@ -179,8 +333,7 @@ class FolderSource:
   any image. Records are dicts {'image': encoded bytes, 'label', 'index', 'file'}."""
 
   def __init__(self, out_dir: str):
-    with open(os.path.join(out_dir, _META)) as f:
-      self.meta = json.load(f)
+    self.meta = read_meta(out_dir)
     self.directory = out_dir
     self.classes = self.meta['classes']
     self._records = grain.sources.ArrayRecordDataSource(

@@ -53,27 +53,79 @@ def open_source(data_config, split: str, view: str = 'train'):
   train_classes = tuple(data_config.get('train_classes') or ())
   if view not in VIEWS:
     raise ValueError(f'view {view!r}: use one of {VIEWS}')
+  name = data_config.name
+  fine = _fine_classes(source)
+  if fine and train_classes and max(train_classes) >= fine:
+    raise DataError(f'data.train_classes={list(train_classes)} names classes '
+                    f'{[c for c in train_classes if c >= fine]} that {name} does not have '
+                    f'(its {fine} classes are 0..{fine - 1}): train on classes of the dataset')
+  if fine and label_map and label_key == 'label' and len(label_map) != fine:
+    raise DataError(f'data.label_map has {len(label_map)} entries but {name} has {fine} '
+                    f'classes: give one class for each of its {fine} classes, in order '
+                    f'(fine class i is trained as label_map[i])')
   coarse = bool(label_map) or label_key != 'label'
   if not train_classes and (not coarse or view == 'fine'):
     return source
   positions = None
   if train_classes and view != 'fine':
-    keep = np.isin(read_labels(source), train_classes)
+    labels = read_labels(source)
+    missing = sorted(set(train_classes) - set(np.unique(labels).tolist()))
+    if missing and split == data_config.get('train_split', split):
+      raise DataError(f'data.train_classes={list(train_classes)} names classes {missing} of '
+                      f'which the {split} split of {name} has no image (its classes: '
+                      f'{_classes_text(labels)}): train on classes it has')
+    keep = np.isin(labels, train_classes)
     positions = np.flatnonzero(keep if view == 'train' else ~keep)
   train = view == 'train'
-  return View(source, positions, label_map if train else (),
-              label_key if train else 'label')
+  out = View(source, positions, label_map if train else (), label_key if train else 'label',
+             name=f'the {split} split of {name}')
+  if train and label_map and not (fine and label_key == 'label'):
+    out.labels()          # no class count declared: the labels say whether the map fits
+  return out
+
+
+def _fine_classes(source) -> int | None:
+  """How many classes (of the `label` field) a source declares, if it does: image folders,
+  TFDS ClassLabel features, Fashion-MNIST's ten."""
+  declared = num_classes(source)
+  if declared:
+    return declared
+  info = getattr(source, 'dataset_info', None)
+  if info is not None and info.name == FashionMnistIdx.name:
+    from snca_jax.data import fashion_mnist
+    return len(fashion_mnist.CLASS_NAMES)
+  return None
+
+
+def _classes_text(labels) -> str:
+  values = np.unique(labels).tolist()
+  if values and values == list(range(values[0], values[-1] + 1)):
+    return f'{values[0]}..{values[-1]}'
+  return str(values[:20])[:-1] + (', ...]' if len(values) > 20 else ']')
 
 
 class View:
   """Some records of a source (`positions`, renumbered 0..); their label taken from the
   record's `label_key` field and mapped by `label_map`."""
 
-  def __init__(self, source, positions=None, label_map=(), label_key='label'):
+  def __init__(self, source, positions=None, label_map=(), label_key='label',
+               name='the dataset'):
     self.source, self.positions, self.label_key = source, positions, label_key
     self.label_map = np.asarray(label_map, np.int32) if len(label_map) else None
+    self.name, self._labels = name, None
     if self.label_map is not None:
       self.num_classes = int(self.label_map.max()) + 1
+
+  def _map(self, labels):
+    """`labels` through the label map; a label the map has no entry for is a DataError."""
+    labels = np.asarray(labels)
+    bad = labels[(labels < 0) | (labels >= len(self.label_map))]
+    if len(bad):
+      raise DataError(f'{self.name} has {self.label_key} {int(bad[0])}, beyond the '
+                      f'{len(self.label_map)} entries of data.label_map: give one class for '
+                      f'each class of the dataset, in order (fine class i is trained as '
+                      f'label_map[i])')
+    return self.label_map[labels]
 
   def __len__(self):
     return len(self.source) if self.positions is None else len(self.positions)
@@ -85,7 +137,7 @@ class View:
     for key, record in zip(keys, self.source.__getitems__(where)):
       record = dict(record, index=key, label=record[self.label_key])
       if self.label_map is not None:
-        record['label'] = int(self.label_map[int(record['label'])])
+        record['label'] = int(self._map([int(record['label'])])[0])
       out.append(record)
     return out
 
@@ -96,10 +148,12 @@ class View:
     return self._records(keys)
 
   def labels(self) -> np.ndarray:
-    labels = (read_labels(self.source) if self.label_key == 'label'
-              else _labels_of(self.source, 8192, self.label_key))
-    labels = labels if self.positions is None else labels[self.positions]
-    return labels if self.label_map is None else self.label_map[labels]
+    if self._labels is None:          # read once: a view's records never change
+      labels = (read_labels(self.source) if self.label_key == 'label'
+                else _labels_of(self.source, 8192, self.label_key))
+      labels = labels if self.positions is None else labels[self.positions]
+      self._labels = labels if self.label_map is None else self._map(labels)
+    return self._labels.copy()
 
 
 def _open(data_config, split: str):
@@ -177,11 +231,29 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
   if not data_config.get('root'):
     raise DataError('data.name=folder needs the image folder: set --config.data.root=DIR '
                     '(DIR/<split>/<class>/<image>)')
-  split_dir = os.path.join(os.path.abspath(os.path.expanduser(data_config.root)), split)
+  root = os.path.abspath(os.path.expanduser(data_config.root))
+  split_dir = os.path.join(root, split)
   out = os.path.join(prepared_dir(data_config), split)
   if not folder.is_prepared(out) and not os.path.isdir(split_dir):
     raise DataError(f'no folder {split_dir}: the image folder needs one sub-folder per split '
                     f'(set --config.data.train_split / eval_split to their names)')
+  # Every split is labelled by the training split's class list (its sorted class folders, or
+  # those it was prepared with where its folder is gone), so val/dog gets train/dog's label.
+  train_dir = os.path.join(root, data_config.get('train_split') or split)
+  train_out = os.path.join(prepared_dir(data_config), data_config.get('train_split') or split)
+  if os.path.isdir(train_dir):
+    classes = folder.find_classes(train_dir)
+  elif folder.is_prepared(train_out):
+    classes = folder.read_meta(train_out)['classes']
+  elif folder.is_prepared(out):
+    classes = None                    # nothing to check against: as it was prepared
+  else:
+    raise DataError(f'no folder {train_dir} (the training split) to take the class list from: '
+                    f'the labels of {split_dir} are indices into it; set '
+                    f'--config.data.train_split to its name')
+  split_classes = folder.find_classes(split_dir) if os.path.isdir(split_dir) else None
+  if split_classes is not None and classes is not None:
+    folder.check_classes(split_dir, split_classes, classes, train_dir)
 
   def prepare():
     try:
@@ -190,7 +262,8 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
       raise DataError(f'cannot write the prepared dataset to {os.path.dirname(out)} '
                       f'({e.strerror}): set --config.data.prepared_dir to a writable folder '
                       f'(shared by all hosts)') from e
-    meta = folder.prepare(split_dir, out, skip_bad_images=data_config.get('skip_bad_images'),
+    meta = folder.prepare(split_dir, out, classes=classes,
+                          skip_bad_images=data_config.get('skip_bad_images'),
                           show_progress=jax.process_index() == 0)
     if meta['skipped']:
       log.warning('%s: left out %d files that are not decodable images (listed in %s)',
@@ -198,9 +271,14 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
 
   _prepare_once(lambda: folder.is_prepared(out), prepare)
   source = folder.FolderSource(out)
-  if os.path.isdir(split_dir) and folder.find_classes(split_dir) != source.classes:
+  if split_classes is not None and split_classes != source.meta.get('split_classes',
+                                                                   source.classes):
     raise DataError(f'the class folders of {split_dir} changed since it was prepared into '
                     f'{out}: delete {out} to prepare it again')
+  if classes is not None and classes != source.classes:     # its labels index a stale list
+    raise DataError(f'the class folders of the training split {train_dir} changed since '
+                    f'{split} was prepared into {out} (its labels index them): delete {out} to '
+                    f'prepare it again')
   return source
 
 
