@@ -1,9 +1,12 @@
 """Embedding a dataset with a trained state, and kNN accuracy (docs/METHOD.md, "kNN evaluation")."""
 
 import functools
+import math
+import numbers
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -96,12 +99,27 @@ class KnnEvaluator:
                          data_config=self.config.data, transform=self.transform,
                          mesh=self.mesh, batch_size=self.batch_size)
 
+  def k_for(self, database_labels) -> int:
+    """The K searched in a database: self.k, or all its images where it has fewer."""
+    return max(1, min(self.k, database_size(database_labels)))
+
   def run(self, variables, bank, bank_labels) -> dict:
+    """{'top1', ['top5'], 'num_queries', 'k': the K used, 'database_size'}."""
     queries, labels, _ = self.embed(variables, self.config.data.eval_split)
-    acc = knn_accuracy(queries, labels, bank, bank_labels, k=self.k, sigma=self.sigma,
+    k = self.k_for(bank_labels)
+    acc = knn_accuracy(queries, labels, bank, bank_labels, k=k, sigma=self.sigma,
                        num_classes=self.config.data.num_classes, mesh=self.mesh,
                        ks=self.ks, batch_size=self.batch_size)
-    return {f'top{k}': v for k, v in acc.items()} | {'num_queries': len(queries)}
+    return {f'top{n}': v for n, v in acc.items()} | {
+        'num_queries': len(queries), 'k': k, 'database_size': database_size(bank_labels)}
+
+
+def database_size(labels) -> int:
+  """Images in a database: its rows but the padding ones (label < 0), counted where the labels
+  live (a sharded bank's stay on the devices)."""
+  if isinstance(labels, jax.Array):
+    return int(jnp.sum(labels >= 0))
+  return int(np.sum(np.asarray(labels) >= 0))
 
 
 class SubcategoryEvaluator:
@@ -116,10 +134,12 @@ class SubcategoryEvaluator:
     c, knn_ = self.knn.config, self.knn
     queries, labels, _ = knn_.embed(variables, c.data.eval_split, 'fine')
     database, db_labels, _ = knn_.embed(variables, c.data.train_split, 'fine')
-    acc = knn_accuracy(queries, labels, database, db_labels, k=knn_.k, sigma=knn_.sigma,
+    k = knn_.k_for(db_labels)
+    acc = knn_accuracy(queries, labels, database, db_labels, k=k, sigma=knn_.sigma,
                        num_classes=int(max(labels.max(), db_labels.max())) + 1,
                        mesh=knn_.mesh, batch_size=knn_.batch_size)
-    return {'subcategory/top1': acc[1], 'subcategory/top5': acc[5]}
+    out = {'subcategory/top1': acc[1], 'subcategory/top5': acc[5]}
+    return out | ({'subcategory/k': k} if k != knn_.k else {})    # a database smaller than K
 
 
 def few_shot_episodes(support, support_labels, queries, query_labels, *, ways=5, shots=1,
@@ -179,10 +199,13 @@ class FewShotEvaluator:
       for rule, (mean, ci) in res.items():
         out[f'fewshot/{self.ways}way{shots}shot_{rule}'] = mean
         out[f'fewshot/{self.ways}way{shots}shot_{rule}_ci95'] = ci
-    acc = knn_accuracy(queries, query_labels, support, support_labels, k=knn_.k,
+    k = knn_.k_for(support_labels)
+    acc = knn_accuracy(queries, query_labels, support, support_labels, k=k,
                        sigma=knn_.sigma, num_classes=int(support_labels.max()) + 1,
                        mesh=knn_.mesh, batch_size=knn_.batch_size)
     out['fewshot/knn_top1'] = acc[1]
+    if k != knn_.k:                       # fewer held-out training images than K
+      out['fewshot/knn_k'] = k
     return out
 
 
@@ -274,18 +297,64 @@ class NeighboursEvaluator:
               '<p><img src="neighbours.png" alt="neighbours"></p><table>'
               + ''.join(rows_html) + '</table>')
     wrong = float(np.mean(nb_labels != labels[pick][:, None]))
-    return {'neighbours/wrong_fraction': wrong}
+    return {'neighbours/wrong_fraction': wrong, 'neighbours/num_queries': len(pick)}
 
 
 def export_embeddings(out_dir, queries, query_labels, query_index, database, database_labels,
                       database_index):
   """Embeddings, labels and record positions of queries and database as .npy files."""
+  problem = _folder_problem('--export', out_dir, 'the .npy files')
+  if problem:
+    raise ConfigError(problem)
   os.makedirs(out_dir, exist_ok=True)
   for name, value in (('queries', queries), ('query_labels', query_labels),
                       ('query_index', query_index), ('database', database),
                       ('database_labels', database_labels),
                       ('database_index', database_index)):
     np.save(os.path.join(out_dir, f'{name}.npy'), np.asarray(value))
+
+
+# The neighbour pictures' grid grows by 114 pixels a query: 200 queries make a PNG of
+# 972 x 22,804 pixels, that image viewers and browsers still open.
+MAX_NEIGHBOUR_QUERIES = 200
+
+
+def _folder_problem(flag: str, path: str, what: str) -> str | None:
+  """Why `path` cannot be (made) a folder to write `what` into; None where it can."""
+  full = os.path.abspath(path)
+  where = full
+  while not os.path.exists(where):              # its nearest existing ancestor
+    where = os.path.dirname(where)
+  if where == full and not os.path.isdir(full):
+    why = 'is a file, not a folder'
+  elif not os.path.isdir(where):
+    why = f'cannot be made inside the file {where}'
+  elif not os.access(where, os.W_OK | os.X_OK):
+    why = f'cannot be written ({where} is not writable)'
+  else:
+    return None
+  return f'{flag}={path} {why}: give a folder (new or existing) for {what}'
+
+
+def _argument_problems(*, k, sigma, batch_size, neighbours, neighbours_dir, export_dir):
+  integer = lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool)
+  out = []
+  if k is not None and not (integer(k) and k >= 1):
+    out.append(f'--k={k} cannot work: give a whole number of neighbours, at least 1')
+  if sigma is not None and not (isinstance(sigma, numbers.Real) and math.isfinite(sigma)
+                                and sigma > 0):
+    out.append(f'--sigma={sigma} cannot work: give a vote temperature above 0')
+  if batch_size is not None and not (integer(batch_size) and batch_size >= 1):
+    out.append(f'--batch_size={batch_size} cannot work: give a batch size of at least 1')
+  if not (integer(neighbours) and 0 <= neighbours <= MAX_NEIGHBOUR_QUERIES):
+    out.append(f'--neighbours={neighbours} cannot work: give how many evaluation images to '
+               f'picture with their neighbours, 0 (none) to {MAX_NEIGHBOUR_QUERIES} (more do '
+               f'not fit one picture)')
+  elif neighbours and neighbours_dir:
+    out.append(_folder_problem('--neighbours_dir', neighbours_dir, 'the neighbour pictures'))
+  if export_dir:
+    out.append(_folder_problem('--export', export_dir, 'the .npy files'))
+  return [p for p in out if p]
 
 
 def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch_size=None,
@@ -300,12 +369,15 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   evaluated on the fine ones (sub-categories), one trained on a subset of the classes on the
   others (few-shot episodes). `neighbours` > 0 writes neighbour pictures to `neighbours_dir`;
   `export_dir` receives the embeddings as .npy files.
+
+  K is that of the result's 'k': where the database has fewer images than asked for, all of
+  them ('k_requested' then says what was asked for; 'subcategory/k' and 'fewshot/knn_k' the
+  same of their databases). Arguments that cannot work fail here, before any work.
   """
-  for name, value, ok in (('k', k, lambda v: v >= 1), ('sigma', sigma, lambda v: v > 0),
-                          ('batch_size', batch_size, lambda v: v >= 1)):
-    if value is not None and not ok(value):
-      raise ConfigError(f'--{name}={value} cannot work: give a k and batch size of at least 1 '
-                        f'and a sigma above 0')
+  bad = _argument_problems(k=k, sigma=sigma, batch_size=batch_size, neighbours=neighbours,
+                           neighbours_dir=neighbours_dir, export_dir=export_dir)
+  if bad:
+    raise ConfigError('; '.join(bad))
   ckpt_dir, step = checkpoint.locate(path)
   if not os.path.isdir(ckpt_dir):
     raise CheckpointError(f'no checkpoint at {path}: pass the --workdir of a training run, '
@@ -320,6 +392,10 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
   try:
     config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
     state = state_lib.restore_as_saved(mngr, step, mesh)
+  except checkpoint.ChecksumError as e:     # a file not as written: checked before reading
+    raise e.advice('evaluate an earlier step with --checkpoint') from e
+  except CheckpointError:
+    raise
   except Exception as e:
     raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
                           f'{str(e)[:200]}): evaluate an earlier step with --checkpoint') from e
@@ -335,6 +411,7 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
     bank, bank_labels = state['bank'], state['bank_labels']
     bank_index = np.arange(bank.shape[0])
   result = evaluator.run(variables, bank, bank_labels)
+  k_used = result.pop('k')
   if config.data.get('label_map') or config.data.get('label_key', 'label') != 'label':
     result.update(SubcategoryEvaluator(evaluator).run(variables))
   if config.data.get('train_classes'):
@@ -350,5 +427,6 @@ def evaluate_checkpoint(path: str, *, k=None, sigma=None, recompute=False, batch
     export_embeddings(export_dir, queries, query_labels, query_index,
                       distributed.to_host(bank)[:n], distributed.to_host(bank_labels)[:n],
                       bank_index[:n])
-  return {'step': int(step), 'k': evaluator.k, 'sigma': evaluator.sigma,
-          'database': 'recomputed' if recompute else 'bank', **result}
+  return {'step': int(step), 'k': k_used, 'sigma': evaluator.sigma,
+          'database': 'recomputed' if recompute else 'bank', **result,
+          **({'k_requested': evaluator.k} if k_used != evaluator.k else {})}

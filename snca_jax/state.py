@@ -139,7 +139,9 @@ def from_arrays(*, params, batch_stats, bank, bank_labels, tx, mesh,
 def restore_as_saved(mngr, step: int, mesh) -> dict:
   """The state at `step` as a dict of the arrays it holds, whatever config, mesh or process
   count wrote it: the bank split by rows where they divide evenly over `mesh`, everything else
-  replicated. For evaluation, conversion and inspection; training restores with `restore`."""
+  replicated. For evaluation, conversion and inspection; training restores with `restore`.
+  Both check the step's checksums first (`checkpoint.Manager`): a damaged file raises
+  `checkpoint.ChecksumError` before anything is read."""
   tree = mngr.item_metadata(step)['state'].tree
   devices = mesh.shape[mesh_lib.DATA]
 
@@ -159,6 +161,8 @@ def restore(mngr, step: int, abstract: TrainState, *, config, num_examples: int,
   try:
     saved = checkpoint.restore_config(mngr, step)
     saved_rows = mngr.item_metadata(step)['state'].tree['bank'].shape[0]
+  except CheckpointError:          # damaged (checksums.json): its own message
+    raise
   except Exception as e:
     raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}): move it '
                           f'away to resume from an earlier one, or use a new --workdir') from e
@@ -186,6 +190,8 @@ def restore(mngr, step: int, abstract: TrainState, *, config, num_examples: int,
     if saved_rows == abstract.bank.shape[0]:
       return checkpoint.restore_state(mngr, step, abstract)
     return _restore_repadded(mngr, step, abstract, saved_rows, num_examples)
+  except CheckpointError:
+    raise
   except Exception as e:
     raise CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}: '
                           f'{str(e)[:200]}): move it away to resume from an earlier one, or '

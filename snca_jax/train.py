@@ -5,14 +5,18 @@ Batches are read and transformed on the host, placed on the devices one step ahe
 the step, whose metrics are read one step late so that the host never waits for the device
 within an epoch. After each epoch the loop measures kNN accuracy of the validation set against
 the bank (docs/METHOD.md) and checkpoints the whole state; a rerun of the same command resumes
-from the latest checkpoint at the exact batch where it stopped.
+from the latest checkpoint at the exact batch where it stopped. A stop (SIGTERM) at an epoch's
+last step saves before that epoch's evaluation, which the rerun then does first, once.
 """
 
 import collections
+import contextlib
+import json
 import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -33,7 +37,7 @@ from snca_jax import state as state_lib
 from snca_jax import step as step_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
-from snca_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
+from snca_jax.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
 log = logging.getLogger('snca_jax')
 
@@ -75,6 +79,7 @@ class StopRequest:
     self.signum = None
     self.check_every = check_every
     self._previous = {}
+    self._interruptible = False
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -82,15 +87,44 @@ class StopRequest:
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
+    if self._interruptible:
+      raise Interrupted(f'stopped by {signal.Signals(signum).name} while the data was being '
+                        f'prepared; nothing was written (a prepared split is written whole or '
+                        f'not at all): run the same command to start again')
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """Within it a signal stops at once: pure Python work that leaves nothing half-written
+    (reading and preparing the data), which may take many minutes."""
+    self._interruptible = True
+    try:
+      if self.signum is not None:
+        self._handle(self.signum, None)
+      yield
+    finally:
+      self._interruptible = False
 
   def requested(self, step: int) -> bool:
-    if jax.process_count() == 1:
-      return self.signum is not None
-    if step % self.check_every:
+    if jax.process_count() > 1 and step % self.check_every:
       return False
-    flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
-    self.signum = self.signum or int(np.max(flags)) or None
+    return self.requested_now()
+
+  def requested_now(self) -> bool:
+    """Whether any process got a signal; with several processes, every one must ask at the
+    same point."""
+    if jax.process_count() > 1:
+      flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
+      self.signum = self.signum or int(np.max(flags)) or None
     return self.signum is not None
+
+  def stopped_before_first_step(self, again: str) -> bool:
+    """Whether a signal came before the first step (every process agrees); if so, says so."""
+    if not self.requested_now():
+      return False
+    if jax.process_index() == 0:
+      print(f'train.py: stopped by {signal.Signals(self.signum).name} before the first step; '
+            f'no checkpoint was written; run the same command to {again}', flush=True)
+    return True
 
   def close(self):
     for sig, handler in self._previous.items():
@@ -108,14 +142,28 @@ def _check_workdir(workdir: str):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the state."""
+  """Trains `config` into `workdir` (resuming from its latest checkpoint); returns the state.
+
+  The stop handler is in place before any long work: a signal while the data is read or
+  prepared raises `Interrupted` at once (nothing half-written is left); one while the state or
+  the step is being compiled stops the run cleanly, before its first step or after it, instead
+  of a KeyboardInterrupt unwinding through XLA (a segmentation fault)."""
+  stop = StopRequest(check_every=config.get('stop_check_steps', 10))
+  try:
+    return _train_and_evaluate(config, workdir, stop)
+  finally:
+    stop.close()
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: StopRequest):
   validate.check_config(config)
   _check_workdir(workdir)
   mesh = mesh_lib.make_mesh()
   _check_config(config, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
-  train_source = pipeline.open_source(config.data, config.data.train_split)
-  pipeline.open_source(config.data, config.data.eval_split)      # present before any step
+  with stop.interruptible():
+    train_source = pipeline.open_source(config.data, config.data.train_split)
+    pipeline.open_source(config.data, config.data.eval_split)    # present before any step
   if not config.data.num_classes:          # 0: as many as the dataset declares
     config.data.num_classes = pipeline.num_classes(train_source) or 0
     if not config.data.num_classes:
@@ -150,10 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
 
   train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                         shardings=shardings, mesh=mesh)
+  if stop.stopped_before_first_step('resume' if latest is not None else 'train'):
+    return state                      # a signal while the state was built or restored
   writer = metrics_lib.MetricWriter(workdir)
   checkpoint_config = dict(config.to_dict(), num_examples=num_examples)
   train_transform = evaluate.transform(config, config.data.train_augment)
-  stop = StopRequest(check_every=config.get('stop_check_steps', 10))
   # The per-epoch monitor against the bank: the original's 1-NN (main.py), or weighted kNN with
   # the config's k (cifar.py); the best epoch's state is kept beside the latest.
   one_nn = config.monitor == '1nn'
@@ -163,7 +212,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   monitor_name = 'val/nn_top1' if one_nn else f'val/knn{monitor.k}_top1'
   best = checkpoint.BestCheckpoint(workdir) if config.keep_best else None
   step = int(state.step)
+
+  def evaluate_epoch(state, step: int, save: bool) -> float:
+    """The monitor after the epoch that ends at `step`: its metric and line, the checkpoint
+    (`save`; its config records that the epoch was evaluated), the offer to best/."""
+    epoch = step // steps_per_epoch
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    if softmax:      # no bank: the training set embedded again is the database
+      database, database_labels, _ = monitor.embed(variables, config.data.train_split)
+    else:
+      database, database_labels = state.bank, state.bank_labels
+    result = monitor.run(variables, database, database_labels)
+    acc = result['top1']
+    writer.write(step, {monitor_name: acc, 'epoch': epoch})
+    evaluated_config = dict(checkpoint_config, epoch_evaluated=True)
+    if save:
+      checkpoint.save(mngr, step, state, evaluated_config)
+    improved = best is not None and best.offer(step, state, acc, evaluated_config)
+    if pid == 0:
+      what = '1-NN' if one_nn else f'weighted {monitor.k}-NN'
+      print(f'epoch {epoch}/{config.num_epochs}: {what} top-1 {100 * acc:.2f}% '
+            f'({result["num_queries"]} {config.data.eval_split} images against the '
+            f'{"training set" if softmax else "bank"})'
+            f'{"; best so far, kept in " + os.path.join(workdir, "best") if improved else ""}',
+            flush=True)
+    return acc
+
+  owed = latest is not None and _evaluation_owed(mngr, latest, step, steps_per_epoch, workdir)
   try:
+    if owed:     # stopped at the end of an epoch before its evaluation: that comes first
+      acc = evaluate_epoch(state, step, save=False)
+      if best is not None:
+        best.close()               # best/ written before the evaluation counts as done
+      if pid == 0:
+        _record_evaluation(workdir, step, monitor_name, acc)
     while step < total_steps:
       epoch, start = divmod(step, steps_per_epoch)
       batches = pipeline.train_batches(
@@ -174,50 +256,94 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       bar = tqdm.tqdm(total=steps_per_epoch, initial=start, disable=pid != 0,
                       desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='batch',
                       dynamic_ncols=True)
-      pending, t0, n0 = None, time.time(), step
-      for batch in prefetch_to_device(batches, mesh):
-        state, metrics = train_step(state, batch)
-        if pending is not None:   # read the previous step's metrics: the device is busy
+      try:      # closed on every path: no stale bar after an error's line
+        pending, t0, n0 = None, time.time(), step
+        for batch in prefetch_to_device(batches, mesh):
+          state, metrics = train_step(state, batch)
+          if pending is not None:   # read the previous step's metrics: the device is busy
+            _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
+          pending = (step, metrics)
+          step += 1
+          if stop.requested(step):
+            break
+        if pending is not None:     # the last step's loss is checked before any save
           _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
-        pending = (step, metrics)
-        step += 1
-        if stop.requested(step):
-          break
-      if pending is not None:     # the last step's loss is checked before any save
-        _report(pending, bar, writer, config, steps_per_epoch, t0, n0)
-      bar.close()
-      if stop.requested(step):
-        checkpoint.save(mngr, step, state, checkpoint_config)
+      finally:
+        bar.close()
+      if stop.requested(step):     # the epoch's evaluation, if it ended, is owed (resume)
+        checkpoint.save(mngr, step, state, dict(checkpoint_config, epoch_evaluated=False))
         mngr.wait_until_finished()
         if pid == 0:
           print(f'train.py: stopped by {signal.Signals(stop.signum).name} at step {step}; '
                 f'checkpoint written to {checkpoint.checkpoint_dir(workdir)}; run the same '
                 f'command to resume', flush=True)
         return state
-      variables = {'params': state.params, 'batch_stats': state.batch_stats}
-      if softmax:      # no bank: the training set embedded again is the database
-        database, database_labels, _ = monitor.embed(variables, config.data.train_split)
-      else:
-        database, database_labels = state.bank, state.bank_labels
-      result = monitor.run(variables, database, database_labels)
-      acc = result['top1']
-      writer.write(step, {monitor_name: acc, 'epoch': epoch + 1})
-      checkpoint.save(mngr, step, state, checkpoint_config)
-      improved = best is not None and best.offer(step, state, acc, checkpoint_config)
-      if pid == 0:
-        what = '1-NN' if one_nn else f'weighted {monitor.k}-NN'
-        print(f'epoch {epoch + 1}/{config.num_epochs}: {what} top-1 {100 * acc:.2f}% '
-              f'({result["num_queries"]} {config.data.eval_split} images against the '
-              f'{"training set" if softmax else "bank"})'
-              f'{"; best so far, kept in " + os.path.join(workdir, "best") if improved else ""}',
-              flush=True)
+      evaluate_epoch(state, step, save=True)
   finally:
     stop.close()
-    mngr.wait_until_finished()
-    if best is not None:
-      best.close()
-    writer.close()
+    _finish(mngr, best, writer)
   return state
+
+
+EVALUATED = 'evaluated.json'    # the last epoch evaluated after a stop at its end (resume)
+
+
+def _evaluation_owed(mngr, latest: int, step: int, steps_per_epoch: int, workdir: str) -> bool:
+  """Whether the checkpoint at `latest` (step `step`) ends an epoch whose evaluation was never
+  done: a stop at the epoch's last step saves before it (`epoch_evaluated` False in the
+  checkpoint's config) and leaves it to the next run, which records it in evaluated.json.
+  Checkpoints of other versions or converted ones say nothing: not owed. Every process agrees."""
+  owed = False
+  if step > 0 and step % steps_per_epoch == 0:
+    saved = checkpoint.restore_config(mngr, latest)
+    if saved.get('epoch_evaluated', True) is False:
+      try:
+        with open(os.path.join(workdir, EVALUATED)) as f:
+          owed = int(json.load(f)['step']) != step
+      except (OSError, ValueError, KeyError, TypeError):
+        owed = True
+  if jax.process_count() > 1:
+    owed = bool(multihost_utils.broadcast_one_to_all(np.int32(owed)))
+  return owed
+
+
+def _record_evaluation(workdir: str, step: int, name: str, value: float):
+  """evaluated.json, written to a temporary file and renamed: the owed evaluation is done."""
+  path = os.path.join(workdir, EVALUATED)
+  tmp = f'{path}.{os.getpid()}.tmp'
+  try:
+    with open(tmp, 'w') as f:
+      json.dump({'step': int(step), name: float(value)}, f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise CheckpointError(f'could not write {path} ({e.strerror}): free space or choose '
+                          f'another --workdir') from e
+
+
+def _finish(mngr, best, writer):
+  """Waits for the saves in flight and closes the metric files, each whatever the others do;
+  the first failure is raised in one line, unless an error is already on its way out (a
+  failed save raises again at every wait, and a full disk fails the metric files' flush too:
+  they would only hide it)."""
+  failing = sys.exc_info()[1] is not None
+  error = None
+  for close in (mngr.wait_until_finished, best.close if best is not None else None,
+                writer.close):
+    try:
+      if close is not None:
+        close()
+    except CheckpointError as e:
+      error = error or e
+    except OSError as e:
+      error = error or CheckpointError(
+          f'could not write the metrics of {os.path.dirname(str(mngr.directory))} ({e.strerror}): '
+          f'free space or choose another --workdir')
+  if error is not None and not failing:
+    raise error
 
 
 def _report(pending, bar, writer, config, steps_per_epoch, t0, n0):
