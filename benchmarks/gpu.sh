@@ -16,7 +16,7 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 NCA_ARGS=(--variants ours,ours_bf16,dense,floor --repeats 10)
 if [[ "${1:-}" == --smoke ]]; then
-  NCA_ARGS=(--variants ours,ours_bf16,dense,floor --smoke)
+  NCA_ARGS=(--variants ours,floor --smoke)
 fi
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true

@@ -74,7 +74,8 @@ def main():
   params = per_device_bytes(state.params)
   rest = per_device_bytes((state.batch_stats, state.opt_state))
   images = args.per_device_batch * size * size * 3          # uint8, normalised on the device
-  print(f'{config.model} at {size}x{size}, N={n:,}, {args.devices} devices, global batch {config.batch_size} '
+  print(f'{config.model} at {size}x{size}, N={n:,}, {args.devices} devices, global batch '
+        f'{config.batch_size} '
         f'({args.per_device_batch} per device), {args.dtype} compute; per device:')
   label = f'  bank + labels (1/{args.devices} of {n * 132 * 4 / MB:.0f} MB)'
   print(f'{label:41s}{bank / MB:10.1f} MB')

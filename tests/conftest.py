@@ -16,6 +16,13 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.cache', 'xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+# XLA's backend (LLVM) optimisations cost the tiny test programs more compile time than they
+# save in run time (a quarter of the suite's time): off in the tests and in every process they
+# start. Results are checked against references with tolerances, or against runs made with the
+# same flags.
+TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 
@@ -23,6 +30,15 @@ jax.config.update('jax_num_cpu_devices', 8)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def subprocess_env(devices=None, **extra):
+  """The environment of a process a test starts: the repository on its path, the tests' XLA
+  flags and cache, and `devices` simulated CPU devices (None: the program's default, one)."""
+  env = dict(os.environ, PYTHONPATH=ROOT, **extra)
+  env['XLA_FLAGS'] = TEST_XLA_FLAGS + (
+      f' --xla_force_host_platform_device_count={devices}' if devices else '')
+  return env
 
 
 def write_idx(path, array):

@@ -8,17 +8,14 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
+from conftest import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, 'benchmarks')
 
 
 def run(*cmd, devices=None):
-  env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable)
-  env.pop('XLA_FLAGS', None)
-  if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env = subprocess_env(devices, PYTHON=sys.executable)
   r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
   assert 'smoke run' in r.stdout
@@ -38,7 +35,7 @@ def test_gpu_script_runs_the_training_step_and_the_nca_step():
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
-  for variant in ('ours', 'ours_bf16', 'dense', 'floor'):
+  for variant in ('ours', 'floor'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
   assert 'failed' not in out
 
@@ -49,9 +46,11 @@ def test_train_step_beside_pytorch():
   assert re.search(r'ours / torch: [\d.]+x', out)
 
 
-def test_nca_step_against_torch_and_its_floor():
-  out = run(sys.executable, 'benchmarks/nca_step.py', '--smoke', '--variants', 'ours,torch,floor')
-  assert re.search(r'ours: [\d.]+x faster than torch', out)
+def test_nca_step_against_torch_and_dense():
+  """The variants gpu.sh's smoke run leaves out (each runs in a process of its own)."""
+  out = run(sys.executable, 'benchmarks/nca_step.py', '--smoke', '--variants',
+            'ours_bf16,dense,torch')
+  assert re.search(r'ours_bf16: [\d.]+x faster than torch, [\d.]+x faster than dense', out)
   assert 'failed' not in out
 
 

@@ -11,11 +11,12 @@ of their magnitudes. The first step's loss, written bank rows and BatchNorm stat
 agree within 1e-6 of their magnitude (on an AMD EPYC they come out equal, or 1e-7 apart). Its
 gradient is such a sum of partials that partly cancel (the examples pull the weights different
 ways): it must agree within 2e-6 in norm, and each array within 2e-5 of its largest entry
-(measured on an AMD EPYC over 6 seeds: at most 4e-7 in norm, 2e-6 in one array). The same first step with BatchNorm over the
-global batch (`first_global_bn/`) is held to the same bounds for the loss, bank rows and
-statistics, and to 1e-5 in norm (1e-4 in each array) for the gradient: the backward pass through a BatchNorm of the
-whole batch subtracts cross-device means from each activation's gradient, which cancels, so the
-same last-bit differences come out larger (on an AMD EPYC over 6 seeds: at most 7e-7 in norm, 3e-6 in one array).
+(measured on an AMD EPYC over 6 seeds: at most 4e-7 in norm, 2e-6 in one array). The same
+first step with BatchNorm over the global batch (`first_global_bn/`) is held to the same bounds
+for the loss, bank rows and statistics, and to 1e-5 in norm (1e-4 in each array) for the
+gradient: the backward pass through a BatchNorm of the whole batch subtracts cross-device means
+from each activation's gradient, which cancels, so the same last-bit differences come out
+larger (on an AMD EPYC over 6 seeds: at most 7e-7 in norm, 3e-6 in one array).
 
 Over all 12 steps, training would amplify the last bits (seen on an Intel Xeon: 3.9% apart in a
 BatchNorm mean after 12 steps at learning rate 0.01, with global BatchNorm), so the long run is
@@ -46,6 +47,11 @@ import pytest
 from snca_jax.data import folder
 from snca_jax.data import pipeline
 
+from conftest import subprocess_env
+
+# Its tests share costly fixtures: one xdist worker runs them all (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group('test_multihost')
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')
 SEED = int(os.environ.get('SNCA_MULTIHOST_SEED', '0'))
@@ -61,8 +67,7 @@ def free_port():
 def launch(n_proc, devices, workdir, out, data, *extra, timeout=300):
   """Runs the worker as n_proc processes; kills every one of them whatever happens."""
   port = free_port()
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   procs = []
   try:
     for pid in range(n_proc):
@@ -97,7 +102,7 @@ def close(a, b, rel, what):
   np.testing.assert_allclose(a, b, rtol=0, atol=rel * scale, err_msg=what)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def runs(fake_data_config, tmp_path_factory):
   pipeline.open_source(fake_data_config.data, 'train')       # prepare once, before the workers
   tmp = tmp_path_factory.mktemp('multihost')

@@ -18,7 +18,7 @@ from snca_jax import step as step_lib
 from snca_jax import train
 from snca_jax.data import pipeline
 
-from conftest import assert_accuracy_matches, weighted_knn_reference
+from conftest import assert_accuracy_matches, subprocess_env, weighted_knn_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,8 +94,7 @@ def test_resume_gives_the_same_state_as_an_uninterrupted_run(fake_data_config, t
 
 
 def _run(args, **kw):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop('XLA_FLAGS', None)
+  env = subprocess_env()
   return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=600, **kw)
 
