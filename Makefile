@@ -58,7 +58,7 @@ $(TEST_STAMP): $(STAMP) requirements-test.txt
 	touch $@
 
 test: $(TEST_STAMP)
-	$(BIN)/python -m pytest -q -p no:warnings -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -q -p no:warnings -n 2 --dist loadfile --durations=15
 
 clean:
 	rm -rf $(VENV) $(WORKDIR)

@@ -19,9 +19,6 @@ from snca_jax.errors import ConfigError, DataError, TrainingError
 from conftest import subprocess_env
 from test_train import tiny
 
-# Its tests share costly fixtures: one xdist worker runs them all (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_cli_errors')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

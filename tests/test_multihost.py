@@ -49,9 +49,6 @@ from snca_jax.data import pipeline
 
 from conftest import subprocess_env
 
-# Its tests share costly fixtures: one xdist worker runs them all (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_multihost')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'multihost_worker.py')
 SEED = int(os.environ.get('SNCA_MULTIHOST_SEED', '0'))

@@ -21,9 +21,6 @@ from snca_jax.errors import CheckpointError, DataError, TrainingError
 from conftest import final_state, make_fake_fashion_mnist, run_until, subprocess_env
 from test_checkpoint import flip_middle
 
-# Its tests share costly fixtures: one xdist worker runs them all (make test: --dist loadgroup).
-pytestmark = pytest.mark.xdist_group('test_robustness')
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -87,19 +87,28 @@ def _run(args, devices):
                         text=True, timeout=600)
 
 
-def test_train_and_eval_across_device_counts(tmp_path):
-  """train.py on 8 devices (101 rows padded to 104), resumed on 3 (102), then on 1 (101);
-  eval_knn.py on 3 devices and the evaluator on 8 give one answer."""
+def test_train_and_eval_across_device_counts(tmp_path, monkeypatch):
+  """Training on 8 devices (101 rows padded to 104), resumed on 3 (102), then on 1 (101);
+  eval_knn.py on 3 devices and the evaluator on 8 give one answer. (Training in this process,
+  on the first n of its devices: a run on n devices, without starting a process each.)"""
+  from configs import fashion_mnist
+  from snca_jax import train
   data = make_fake_fashion_mnist(str(tmp_path / 'idx'), n_train=N, n_test=13)
   workdir = str(tmp_path / 'w')
-  cmd = ['train.py', '--config', 'configs/fashion_mnist.py', '--workdir', workdir,
-         f'--config.data.idx_dir={data}', f'--config.data.data_dir={tmp_path / "tfds"}',
-         '--config.model=tiny_resnet', '--config.low_dim=16', '--config.batch_size=24',
-         '--config.knn.batch_size=24', '--config.lr_schedule=step']
+  config = fashion_mnist.get_config()
+  config.data.idx_dir, config.data.data_dir = data, str(tmp_path / 'tfds')
+  config.model, config.low_dim, config.batch_size = 'tiny_resnet', 16, 24
+  config.knn.batch_size, config.lr_schedule = 24, 'step'
+  make_mesh = mesh_lib.make_mesh
   for epochs, devices in ((1, 8), (2, 3), (3, 1)):
-    r = _run(cmd + [f'--config.num_epochs={epochs}'], devices)
-    assert r.returncode == 0, r.stderr[-3000:]
+    monkeypatch.setattr(mesh_lib, 'make_mesh', lambda d=None, n=devices: make_mesh(
+        jax.devices()[:n] if d is None else d))
+    config.num_epochs = epochs
+    state = train.train_and_evaluate(config, workdir)
+    assert state.bank.shape[0] == -(-N // devices) * devices
+    assert len(state.bank.devices()) == devices
     assert final_state(workdir)[0] == 4 * epochs
+  monkeypatch.setattr(mesh_lib, 'make_mesh', make_mesh)
   r = _run(['eval_knn.py', '--workdir', workdir, '--k', '5'], 3)
   assert r.returncode == 0, r.stderr[-3000:]
   on_8 = evaluate.evaluate_checkpoint(workdir, k=5)          # this process: 8 devices
