@@ -16,7 +16,7 @@ first step with BatchNorm over the global batch (`first_global_bn/`) is held to 
 for the loss, bank rows and statistics, and to 1e-5 in norm (1e-4 in each array) for the
 gradient: the backward pass through a BatchNorm of the whole batch subtracts cross-device means
 from each activation's gradient, which cancels, so the same last-bit differences come out
-larger (on an AMD EPYC over 6 seeds: at most 7e-7 in norm, 3e-6 in one array).
+larger (on an AMD EPYC over 6 seeds: at most 8e-7 in norm, 3e-6 in one array).
 
 Over all 12 steps, training would amplify the last bits (seen on an Intel Xeon: 3.9% apart in a
 BatchNorm mean after 12 steps at learning rate 0.01, with global BatchNorm), so the long run is
