@@ -99,19 +99,20 @@ class KnnEvaluator:
                          data_config=self.config.data, transform=self.transform,
                          mesh=self.mesh, batch_size=self.batch_size)
 
-  def k_for(self, database_labels) -> int:
-    """The K searched in a database: self.k, or all its images where it has fewer."""
-    return max(1, min(self.k, database_size(database_labels)))
+  def k_for(self, size: int) -> int:
+    """The K searched in a database of `size` images: self.k, or all of them where fewer."""
+    return max(1, min(self.k, size))
 
   def run(self, variables, bank, bank_labels) -> dict:
     """{'top1', ['top5'], 'num_queries', 'k': the K used, 'database_size'}."""
     queries, labels, _ = self.embed(variables, self.config.data.eval_split)
-    k = self.k_for(bank_labels)
+    size = database_size(bank_labels)
+    k = self.k_for(size)
     acc = knn_accuracy(queries, labels, bank, bank_labels, k=k, sigma=self.sigma,
                        num_classes=self.config.data.num_classes, mesh=self.mesh,
                        ks=self.ks, batch_size=self.batch_size)
     return {f'top{n}': v for n, v in acc.items()} | {
-        'num_queries': len(queries), 'k': k, 'database_size': database_size(bank_labels)}
+        'num_queries': len(queries), 'k': k, 'database_size': size}
 
 
 def database_size(labels) -> int:
@@ -134,7 +135,7 @@ class SubcategoryEvaluator:
     c, knn_ = self.knn.config, self.knn
     queries, labels, _ = knn_.embed(variables, c.data.eval_split, 'fine')
     database, db_labels, _ = knn_.embed(variables, c.data.train_split, 'fine')
-    k = knn_.k_for(db_labels)
+    k = knn_.k_for(database_size(db_labels))
     acc = knn_accuracy(queries, labels, database, db_labels, k=k, sigma=knn_.sigma,
                        num_classes=int(max(labels.max(), db_labels.max())) + 1,
                        mesh=knn_.mesh, batch_size=knn_.batch_size)
@@ -199,7 +200,7 @@ class FewShotEvaluator:
       for rule, (mean, ci) in res.items():
         out[f'fewshot/{self.ways}way{shots}shot_{rule}'] = mean
         out[f'fewshot/{self.ways}way{shots}shot_{rule}_ci95'] = ci
-    k = knn_.k_for(support_labels)
+    k = knn_.k_for(database_size(support_labels))
     acc = knn_accuracy(queries, query_labels, support, support_labels, k=k,
                        sigma=knn_.sigma, num_classes=int(support_labels.max()) + 1,
                        mesh=knn_.mesh, batch_size=knn_.batch_size)

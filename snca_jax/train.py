@@ -279,8 +279,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
                 f'command to resume', flush=True)
         return state
       evaluate_epoch(state, step, save=True)
-  finally:
-    stop.close()
+  finally:               # the stop handler is closed by train_and_evaluate
     _finish(mngr, best, writer)
   return state
 
