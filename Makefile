@@ -51,7 +51,7 @@ demo: $(STAMP) data
 
 # The paper's claims on Fashion-MNIST, NCA beside softmax: runs/experiments/results.{md,png}.
 experiments: $(STAMP) data
-	$(BIN)/python -m snca_jax.experiments --workdir runs/experiments
+	$(BIN)/python experiments.py --workdir runs/experiments
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt

@@ -49,22 +49,7 @@ def evaluate_and_report():
       neighbours=FLAGS.neighbours, neighbours_dir=FLAGS.neighbours_dir, export_dir=FLAGS.export)
   if jax.process_index() != 0:
     return
-  clamped = (f" (the whole database: {result['database_size']} images, fewer than the "
-             f"{result['k_requested']} asked for)" if 'k_requested' in result else '')
-  print(f"kNN (K={result['k']}{clamped}, sigma={result['sigma']:g}, database: "
-        f"{result['database']}) on {result['num_queries']} images, checkpoint step "
-        f"{result['step']}: top-1 {100 * result['top1']:.2f}%  top-5 {100 * result['top5']:.2f}%")
-  for key, value in result.items():
-    if not key.startswith(('subcategory/', 'fewshot/')) or key.endswith('_ci95'):
-      continue
-    if key.endswith(('/k', '_k')):       # a database smaller than K: all of it
-      print(f'{key}: {value} (all of its database)')
-      continue
-    ci = result.get(key + '_ci95')
-    print(f'{key}: {100 * value:.2f}%' + (f' +- {100 * ci:.2f}' if ci is not None else ''))
-  if 'neighbours_dir' in result:
-    print(f"neighbour pictures of {result['neighbours/num_queries']} images: "
-          f"{result['neighbours_dir']}/neighbours.png and .html")
+  print('\n'.join(evaluate.describe(result)))
   if FLAGS.export:
     print(f'embeddings written to {FLAGS.export}')
   if FLAGS.output:

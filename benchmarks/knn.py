@@ -69,8 +69,8 @@ def main(argv=None):
   sigma = 0.05
 
   mesh = mesh_lib.make_mesh()
-  dev_bank = jax.device_put(bank, mesh_lib.rows(mesh))
-  dev_labels = jax.device_put(labels, mesh_lib.rows(mesh))
+  dev_bank = jax.device_put(bank, mesh_lib.row_sharding(mesh))
+  dev_labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
 
   def ours(dtype):
     return lambda: knn.knn_classify(queries, dev_bank, dev_labels, k=args.k, sigma=sigma,

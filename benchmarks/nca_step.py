@@ -73,7 +73,7 @@ def jax_variant(name, args):
   from snca_jax import nca
   f, idx, labels = make_inputs(args.n, args.b, args.d)
   mesh = mesh_lib.make_mesh()
-  labels = jax.device_put(labels, mesh_lib.rows(mesh))
+  labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
   f, idx = jnp.asarray(f), jnp.asarray(idx)
   T = 0.05
 
@@ -95,9 +95,9 @@ def jax_variant(name, args):
       return nca.update_bank(bank, idx, f, 0.5), (loss, grad)
   # Compile first, so that the compiler's own memory is not counted as the step's.
   abstract_bank = jax.ShapeDtypeStruct((args.n, args.d), jnp.float32,
-                                       sharding=mesh_lib.rows(mesh))
+                                       sharding=mesh_lib.row_sharding(mesh))
   compiled = jax.jit(step, donate_argnums=0).lower(abstract_bank, f).compile()
-  bank = jax.device_put(initial_bank(args.n, args.d), mesh_lib.rows(mesh))
+  bank = jax.device_put(initial_bank(args.n, args.d), mesh_lib.row_sharding(mesh))
   jax.block_until_ready(bank)
   reset_peak()
   base = rss_mb() - args.n * args.d * 4 / 2**20      # the footprint without the bank

@@ -74,7 +74,7 @@ def ours(args, model_name, image_size, dtype, n_bank):
   on_cpu = step_lib.make_train_step(model, tx, config, steps_per_epoch=n_bank // args.batch,
                                     shardings=jax.tree.map(lambda a: a.sharding, abstract),
                                     mesh=cpu)
-  rows = mesh_lib.rows(cpu)
+  rows = mesh_lib.row_sharding(cpu)
   cost = on_cpu.lower(abstract, {
       'image': jax.ShapeDtypeStruct((args.batch, image_size, image_size, 3), jnp.uint8,
                                     sharding=rows),

@@ -64,3 +64,9 @@ def put_global(x: np.ndarray, sharding) -> jax.Array:
   """A host array, identical on every process, placed as `sharding` over all devices."""
   x = np.asarray(x)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_process_local(batch: dict, sharding, keys) -> dict:
+  """This process's share of a global batch (host arrays, the same rows on every call's
+  process order) -> global arrays placed as `sharding`, for the fields `keys`."""
+  return {k: jax.make_array_from_process_local_data(sharding, batch[k]) for k in keys}

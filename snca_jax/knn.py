@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from snca_jax import bank as bank_lib
 from snca_jax import distributed
 from snca_jax import mesh as mesh_lib
-from snca_jax import state as state_lib
 
 
 def _block_top_k(sims, k, block=32):
@@ -40,27 +40,21 @@ def _block_top_k(sims, k, block=32):
 def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
   """This device's k best rows for every query, walking its rows in chunks: a top-k of each
   (Q, chunk) block merged into a running (Q, k), so the (Q, rows) scores never exist."""
-  rows = bank.shape[0]
-  chunk = min(chunk, rows)
-  k = min(k, rows)
+  k = min(k, bank.shape[0])
   q = q.astype(matmul_dtype)
 
-  def body(best, c):
-    start = jnp.minimum(c * chunk, rows - chunk)     # the last chunk may overlap the previous
-    local = start + jnp.arange(chunk)
-    block = jax.lax.dynamic_slice(bank, (start, 0), (chunk, bank.shape[1]))
+  def fold(best, rows, fresh, block, block_labels):
     sims = jnp.einsum('qd,cd->qc', q, block.astype(matmul_dtype),
                       preferred_element_type=jnp.float32)
-    keep = (jax.lax.dynamic_slice(labels, (start,), (chunk,)) >= 0) & (local >= c * chunk)
+    keep = (block_labels >= 0) & fresh
     vals, idx = _block_top_k(jnp.where(keep[None, :], sims, -jnp.inf), k)
     vals = jnp.concatenate([best[0], vals], axis=1)
-    idx = jnp.concatenate([best[1], idx + start], axis=1)
+    idx = jnp.concatenate([best[1], idx + rows[0]], axis=1)
     vals, pick = jax.lax.top_k(vals, k)
-    return (vals, jnp.take_along_axis(idx, pick, axis=1)), None
+    return vals, jnp.take_along_axis(idx, pick, axis=1)
 
   init = (jnp.full((q.shape[0], k), -jnp.inf), jnp.zeros((q.shape[0], k), jnp.int32))
-  (vals, idx), _ = jax.lax.scan(body, init, jnp.arange(-(-rows // chunk)))
-  return vals, idx
+  return bank_lib.scan_chunks(fold, init, (bank, labels), chunk)
 
 
 def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
@@ -103,23 +97,6 @@ def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh, 
   return vote(sims, labels, sigma=sigma, num_classes=num_classes)
 
 
-def place_bank(bank, bank_labels, mesh):
-  """The bank and its labels split by rows over `mesh`: global arrays are resharded where they
-  live, host arrays placed; rows that do not split evenly are padded with rows that never
-  count (through the host, the only case that copies the bank there)."""
-  rows = state_lib.num_rows(bank.shape[0], mesh)
-  if rows != bank.shape[0]:
-    bank, bank_labels = state_lib.pad_bank(distributed.to_host(bank),
-                                           distributed.to_host(bank_labels), rows)
-
-  def place(x):
-    if isinstance(x, jax.Array):
-      return jax.device_put(x, mesh_lib.rows(mesh))
-    return distributed.put_global(x, mesh_lib.rows(mesh))
-
-  return place(bank), place(bank_labels)
-
-
 def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, mesh=None,
                  batch_size=1024, matmul_dtype=jnp.float32):
   """Weighted kNN class scores (Q, num_classes) as a numpy array.
@@ -129,7 +106,7 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
   over all devices.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  bank, bank_labels = place_bank(bank, bank_labels, mesh)
+  bank, bank_labels = bank_lib.place(bank, bank_labels, mesh)
   queries = np.asarray(queries, np.float32)
   out = []
   for start in range(0, len(queries), batch_size):
@@ -153,7 +130,7 @@ def _nearest_batch(queries, bank, bank_labels, *, k, mesh):
 def nearest(queries, bank, bank_labels, *, k, mesh=None):
   """(similarities, bank rows, labels), each (Q, k) numpy, of every query's k nearest rows."""
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
-  bank, bank_labels = place_bank(bank, bank_labels, mesh)
+  bank, bank_labels = bank_lib.place(bank, bank_labels, mesh)
   q = distributed.put_global(np.asarray(queries, np.float32), mesh_lib.replicated(mesh))
   out = _nearest_batch(q, bank, bank_labels, k=k, mesh=mesh)
   return tuple(distributed.to_host(x) for x in out)

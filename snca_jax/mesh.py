@@ -21,7 +21,7 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def rows(mesh) -> NamedSharding:
+def row_sharding(mesh) -> NamedSharding:
   """Split along the leading axis over 'data' (batches, bank rows)."""
   return NamedSharding(mesh, P(DATA))
 

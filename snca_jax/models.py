@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from snca_jax import schema
 from snca_jax.errors import ConfigError
 
 # BatchNorm as in torchvision: momentum 0.1 in PyTorch terms is 0.9 in Flax terms, eps 1e-5.
@@ -234,11 +235,10 @@ def model_from_config(config, num_devices: int = 1) -> ResNet:
   `bn_per_device` BatchNorm statistics per device of `num_devices`)."""
   if config.dtype not in DTYPES:
     raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
-  softmax = config.get('loss', 'nca') == 'softmax'
   return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype],
-                      init=config.get('model_init', 'torchvision'),
-                      bn_groups=num_devices if config.get('bn_per_device') else 1,
-                      num_classes=config.data.num_classes if softmax else 0)
+                      init=config.model_init,
+                      bn_groups=num_devices if config.bn_per_device else 1,
+                      num_classes=config.data.num_classes if schema.is_softmax(config) else 0)
 
 
 def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32,

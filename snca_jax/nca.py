@@ -27,22 +27,17 @@ Two implementations:
   - `streaming_nca_loss`: the scalable kernel used for training (see its section below).
 """
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from snca_jax import bank as bank_lib
+from snca_jax.bank import PAD_LABEL
 from snca_jax.mesh import DATA
 from snca_jax.models import l2_normalize
-
-PAD_LABEL = -1
-
-
-def init_bank(key, num_rows: int, dim: int, dtype=jnp.float32):
-  """Uniform in [-s, s] with s = 1 / sqrt(dim / 3), not normalised (as the original)."""
-  stdv = 1.0 / (dim / 3.0) ** 0.5
-  return jax.random.uniform(key, (num_rows, dim), dtype, minval=-stdv, maxval=stdv)
 
 
 def _masked_logsumexp(s, mask):
@@ -84,14 +79,6 @@ def nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0):
   log_p, valid = nca_log_probs(features, indices, bank, bank_labels,
                                temperature=temperature, margin=margin)
   return -jnp.sum(jnp.where(valid, log_p, 0.0)) / features.shape[0]
-
-
-def update_bank(bank, indices, features, momentum):
-  """bank[i] <- normalize(momentum * bank[i] + (1 - momentum) * f_i) for every batch row."""
-  features = jax.lax.stop_gradient(features).astype(bank.dtype)
-  rows = bank[indices]
-  new = l2_normalize(momentum * rows + (1.0 - momentum) * features)
-  return bank.at[indices].set(new, unique_indices=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +126,23 @@ def _combine(m, l, g):
   return m_all, jax.lax.psum(l * scale, DATA), jax.lax.psum(g * scale[..., None], DATA)
 
 
-def _device_pass(features, indices, bank, bank_labels, momentum, *, temperature, chunk_size,
-                 matmul_dtype, update):
+@dataclasses.dataclass(frozen=True)
+class KernelOptions:
+  """What the streaming kernel is built for (static: part of the compiled program)."""
+  temperature: float
+  margin: float
+  mesh: jax.sharding.Mesh
+  chunk_size: int             # bank rows per step of the scan
+  matmul_dtype: jnp.dtype     # of both matrix products (float32 accumulation)
+  update: bool                # also write the batch's bank rows (nca_step)
+
+
+def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
   """One device: its rows of the bank -> global (m, l, G) for same- and other-class rows (m is
   -inf exactly for examples without any such row), and its rows of the bank after the step.
 
-  With `update`, the batch's rows are written first, in place (so that the bank, donated, is
-  never copied), the scan skips them, and they are counted afterwards at the values they had
+  With `opts.update`, the batch's rows are written first, in place (so that the bank, donated,
+  is never copied), the scan skips them, and they are counted afterwards at the values they had
   before the step: the loss is still the one against the bank before the update (docs/METHOD.md).
   """
   rows, dim = bank.shape
@@ -157,7 +154,7 @@ def _device_pass(features, indices, bank, bank_labels, momentum, *, temperature,
   safe = jnp.clip(local, 0, rows - 1)
   labels = jax.lax.psum(jnp.where(mine, bank_labels[safe], 0), DATA)
   target = jnp.where(mine, local, rows)                  # out of range: not on this device
-  if update:
+  if opts.update:
     old = jax.lax.psum(jnp.where(mine[:, None], bank[safe], 0.0), DATA)          # (B, D)
     new = l2_normalize(momentum * old + (1.0 - momentum) * features.astype(bank.dtype))
     bank = bank.at[target].set(new, mode='drop')
@@ -166,49 +163,39 @@ def _device_pass(features, indices, bank, bank_labels, momentum, *, temperature,
     scan_labels = bank_labels.at[target].set(PAD_LABEL, mode='drop')
   else:
     scan_labels = bank_labels
+  queries = (features / opts.temperature).astype(opts.matmul_dtype)
 
-  chunk = min(chunk_size, rows)
-  num_chunks = -(-rows // chunk)
-  queries = (features / temperature).astype(matmul_dtype)
-
-  def body(carry, c):
-    # The last chunk may overlap the one before it (rows % chunk != 0): rows below c * chunk
-    # were already counted and are masked out, so the bank needs no padding per chunk.
-    start = jnp.minimum(c * chunk, rows - chunk)
-    local_rows = start + jnp.arange(chunk)
-    rows_c = jax.lax.dynamic_slice(bank, (start, 0), (chunk, dim)).astype(matmul_dtype)
-    labels_c = jax.lax.dynamic_slice(scan_labels, (start,), (chunk,))
+  def fold(carry, local_rows, fresh, rows_c, labels_c):
+    rows_c = rows_c.astype(opts.matmul_dtype)
     s = jnp.einsum('bd,cd->bc', queries, rows_c, preferred_element_type=jnp.float32)
-    present = ((labels_c >= 0) & (local_rows >= c * chunk))[None, :]
+    present = ((labels_c >= 0) & fresh)[None, :]
     # Each example's own row. (With `update` it is skipped already; the (B, C) test is kept
     # there too because XLA's CPU fusion of the chunk was much slower without it.)
     present &= (offset + local_rows)[None, :] != indices[:, None]
     same = labels_c[None, :] == labels[:, None]
-    carry = _online_update(carry, s, present & same, present & ~same, rows_c, matmul_dtype)
-    return carry, None
+    return _online_update(carry, s, present & same, present & ~same, rows_c, opts.matmul_dtype)
 
   init = (jnp.full((2, batch), -jnp.inf), jnp.zeros((2, batch)), jnp.zeros((2, batch, dim)))
-  (m, l, g), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+  m, l, g = bank_lib.scan_chunks(fold, init, (bank, scan_labels), opts.chunk_size)
   m, l, g = _combine(m, l, g)
-  if update:   # the batch's own rows, before the update, each example's own excluded
-    old_c = old.astype(matmul_dtype)
+  if opts.update:   # the batch's own rows, before the update, each example's own excluded
+    old_c = old.astype(opts.matmul_dtype)
     s = jnp.einsum('bd,cd->bc', queries, old_c, preferred_element_type=jnp.float32)
     present = indices[None, :] != indices[:, None]
     same = labels[None, :] == labels[:, None]
-    m, l, g = _online_update((m, l, g), s, present & same, present & ~same, old_c, matmul_dtype)
+    m, l, g = _online_update((m, l, g), s, present & same, present & ~same, old_c,
+                             opts.matmul_dtype)
   return (m[0], l[0], g[0]), (m[1], l[1], g[1]), bank
 
 
-def _loss_and_grad(features, indices, bank, bank_labels, momentum, temperature, margin, mesh,
-                   chunk_size, matmul_dtype, update):
+def _loss_and_grad(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
   features = features.astype(jnp.float32)
+  temperature = opts.temperature
 
   def per_device(f, idx, b, lab, mu):
-    (m_p, l_p, g_p), (m_n, l_n, g_n), b = _device_pass(
-        f, idx, b, lab, mu, temperature=temperature, chunk_size=chunk_size,
-        matmul_dtype=matmul_dtype, update=update)
+    (m_p, l_p, g_p), (m_n, l_n, g_n), b = _device_pass(f, idx, b, lab, mu, opts)
     valid, has_neg = m_p != -jnp.inf, m_n != -jnp.inf          # any such row at all
-    log_pos = m_p + jnp.log(jnp.where(valid, l_p, 1.0)) - margin / temperature   # log P'
+    log_pos = m_p + jnp.log(jnp.where(valid, l_p, 1.0)) - opts.margin / temperature  # log P'
     log_neg = jnp.where(has_neg, m_n + jnp.log(jnp.where(has_neg, l_n, 1.0)), -jnp.inf)
     log_p = log_pos - jnp.logaddexp(log_neg, log_pos)                            # log p
     batch = f.shape[0]
@@ -221,31 +208,26 @@ def _loss_and_grad(features, indices, bank, bank_labels, momentum, temperature, 
     coef = jnp.where(valid, -jnp.expm1(log_p), 0.0) / (temperature * batch)      # (1 - p)/(T B)
     return loss, coef[:, None] * (mean_neg - mean_pos), b
 
-  return jax.shard_map(per_device, mesh=mesh,
+  return jax.shard_map(per_device, mesh=opts.mesh,
                        in_specs=(P(), P(), P(DATA), P(DATA), P()),
                        out_specs=(P(), P(), P(DATA)), check_vma=False)(
                            features, indices, bank, bank_labels,
                            jnp.asarray(momentum, bank.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
-def _streaming(features, indices, bank, bank_labels, momentum, temperature, margin, mesh,
-               chunk_size, matmul_dtype, update):
-  loss, _, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, temperature,
-                                 margin, mesh, chunk_size, matmul_dtype, update)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _streaming(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
+  loss, _, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, opts)
   return loss, bank
 
 
-def _streaming_fwd(features, indices, bank, bank_labels, momentum, temperature, margin, mesh,
-                   chunk_size, matmul_dtype, update):
-  loss, grad, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum,
-                                    temperature, margin, mesh, chunk_size, matmul_dtype, update)
+def _streaming_fwd(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
+  loss, grad, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, opts)
   return (loss, bank), grad.astype(features.dtype)
 
 
-def _streaming_bwd(temperature, margin, mesh, chunk_size, matmul_dtype, update, grad,
-                   cotangents):
-  del temperature, margin, mesh, chunk_size, matmul_dtype, update
+def _streaming_bwd(opts, grad, cotangents):
+  del opts
   # Only the loss has a gradient, and only into the features.
   return cotangents[0] * grad, None, None, None, None
 
@@ -267,9 +249,10 @@ def default_chunk_size(batch: int, platform: str | None = None) -> int:
 
 def _call(features, indices, bank, bank_labels, momentum, update, temperature, margin, mesh,
           chunk_size, matmul_dtype):
-  chunk_size = chunk_size or default_chunk_size(features.shape[0])
-  return _streaming(features, indices, bank, bank_labels, momentum, float(temperature),
-                    float(margin), mesh, int(chunk_size), jnp.dtype(matmul_dtype), update)
+  opts = KernelOptions(temperature=float(temperature), margin=float(margin), mesh=mesh,
+                       chunk_size=int(chunk_size or default_chunk_size(features.shape[0])),
+                       matmul_dtype=jnp.dtype(matmul_dtype), update=update)
+  return _streaming(features, indices, bank, bank_labels, momentum, opts)
 
 
 def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0, mesh,
@@ -286,10 +269,10 @@ def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, mar
 
 def nca_step(features, indices, bank, bank_labels, momentum, *, temperature, margin=0.0, mesh,
              chunk_size=None, matmul_dtype=jnp.float32):
-  """One training step's NCA work: (loss, bank after `update_bank`), in one pass.
+  """One training step's NCA work: (loss, bank after `bank.update`), in one pass.
 
   The loss, and its gradient (into `features` only), are those of `nca_loss` against the bank
-  before the update; the returned bank is `update_bank(bank, indices, features, momentum)`,
+  before the update; the returned bank is `bank.update(bank, indices, features, momentum)`,
   each row written by the device that holds it. Donate the bank to the enclosing jit and the
   update happens in place. The batch's indices must be distinct (as in any epoch).
   """

@@ -9,22 +9,19 @@ of the NCA kernel. The state is donated: the bank is updated in place. With
 on the embedding layer, and the bank is left as it is.
 
 This module needs no data pipeline, so that benchmarks can build the step alone.
-`TRACES` counts how often each jitted function of training and evaluation was traced: each
-should be traced once per run (tests/test_train.py checks it).
 """
-
-import collections
 
 import jax
 import optax
 
+from snca_jax import distributed
 from snca_jax import mesh as mesh_lib
 from snca_jax import models
 from snca_jax import nca
 from snca_jax import optim
+from snca_jax import schema
 from snca_jax import state as state_lib
 
-TRACES = collections.Counter()
 BATCH_FIELDS = ('image', 'index', 'label')
 
 
@@ -36,7 +33,7 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
-  softmax = config.get('loss', 'nca') == 'softmax'
+  softmax = schema.is_softmax(config)
 
   def loss_and_grads(state: state_lib.TrainState, batch):
     momentum = memory_momentum(state.step)
@@ -71,7 +68,6 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
                                        mesh=mesh)
 
   def train_step(state: state_lib.TrainState, batch):
-    TRACES['train_step'] += 1                 # Python runs this only while tracing
     bank, batch_stats, grads, metrics = loss_and_grads(state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -79,7 +75,7 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
                               opt_state=opt_state, bank=bank)
     return new_state, metrics
 
-  rows = mesh_lib.rows(mesh)
+  rows = mesh_lib.row_sharding(mesh)
   batch_shardings = {k: rows for k in BATCH_FIELDS}
   return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
@@ -87,5 +83,4 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
 
 def device_batch(batch, mesh):
   """This process's share of a global batch -> global arrays sharded over 'data'."""
-  rows = mesh_lib.rows(mesh)
-  return {k: jax.make_array_from_process_local_data(rows, batch[k]) for k in BATCH_FIELDS}
+  return distributed.put_process_local(batch, mesh_lib.row_sharding(mesh), BATCH_FIELDS)

@@ -9,7 +9,6 @@ from the latest checkpoint at the exact batch where it stopped. A stop (SIGTERM)
 last step saves before that epoch's evaluation, which the rerun then does first, once.
 """
 
-import collections
 import contextlib
 import json
 import logging
@@ -28,29 +27,28 @@ import tqdm
 from jax.experimental import multihost_utils
 
 from snca_jax import checkpoint
-from snca_jax import evaluate
+from snca_jax import evaluators
 from snca_jax import mesh as mesh_lib
 from snca_jax import metrics as metrics_lib
 from snca_jax import models
 from snca_jax import optim
+from snca_jax import schema
 from snca_jax import state as state_lib
 from snca_jax import step as step_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
+from snca_jax.data import sources
+from snca_jax.data import transforms
+from snca_jax.lookahead import look_ahead
 from snca_jax.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
 log = logging.getLogger('snca_jax')
 
+
 def prefetch_to_device(batches, mesh, size: int = 2):
   """Host batches -> device batches, `size - 1` placed ahead of the one being consumed, so that
   the host-to-device copy of the next batch overlaps the current step."""
-  queue = collections.deque()
-  for batch in batches:
-    queue.append(step_lib.device_batch(batch, mesh))
-    if len(queue) >= size:
-      yield queue.popleft()
-  while queue:
-    yield queue.popleft()
+  return look_ahead((step_lib.device_batch(batch, mesh) for batch in batches), size)
 
 
 def check_labels(labels, num_classes: int, what: str):
@@ -148,7 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   prepared raises `Interrupted` at once (nothing half-written is left); one while the state or
   the step is being compiled stops the run cleanly, before its first step or after it, instead
   of a KeyboardInterrupt unwinding through XLA (a segmentation fault)."""
-  stop = StopRequest(check_every=config.get('stop_check_steps', 10))
+  stop = StopRequest(check_every=config.stop_check_steps)
   try:
     return _train_and_evaluate(config, workdir, stop)
   finally:
@@ -162,13 +160,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
   _check_config(config, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
   with stop.interruptible():
-    train_source = pipeline.open_source(config.data, config.data.train_split)
-    pipeline.open_source(config.data, config.data.eval_split)    # present before any step
-  if not config.data.num_classes:          # 0: as many as the dataset declares
-    config.data.num_classes = pipeline.num_classes(train_source) or 0
-    if not config.data.num_classes:
-      raise ConfigError(f'{config.data.name} does not say how many classes it has: set '
-                        f'--config.data.num_classes')
+    train_source = sources.open_source(config.data, config.data.train_split)
+    sources.open_source(config.data, config.data.eval_split)    # present before any step
+  config = _with_num_classes(config, train_source)
   num_examples = len(train_source)
   steps_per_epoch = num_examples // config.batch_size
   if steps_per_epoch == 0:
@@ -179,37 +173,38 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
   model = models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, steps_per_epoch)
   abstract = state_lib.abstract_train_state(
-      model, tx, image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim,
+      model, tx, image_shape=sources.image_shape(config.data), low_dim=config.low_dim,
       num_examples=num_examples, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir),
                             max_to_keep=config.checkpoint_max_to_keep)
   latest = mngr.latest_step()
   if latest is not None:
-    state = state_lib.restore(mngr, latest, abstract, config=config, num_examples=num_examples,
-                              tx=tx, steps_per_epoch=steps_per_epoch)
+    state = _resume(mngr, latest, abstract, config=config, num_examples=num_examples, tx=tx,
+                    steps_per_epoch=steps_per_epoch)
     log.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), latest)
   else:
-    bank_labels = pipeline.read_labels(train_source)
+    bank_labels = sources.read_labels(train_source)
     check_labels(bank_labels, config.data.num_classes, f'{config.data.name} train split')
     state = state_lib.create_train_state(
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
-        image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
+        image_shape=sources.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
 
   train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                         shardings=shardings, mesh=mesh)
   if stop.stopped_before_first_step('resume' if latest is not None else 'train'):
     return state                      # a signal while the state was built or restored
   writer = metrics_lib.MetricWriter(workdir)
-  checkpoint_config = dict(config.to_dict(), num_examples=num_examples)
-  train_transform = evaluate.transform(config, config.data.train_augment)
+  facts = {'num_examples': num_examples}
+  train_transform = transforms.from_config(config.data, config.data.train_augment)
   # The per-epoch monitor against the bank: the original's 1-NN (main.py), or weighted kNN with
   # the config's k (cifar.py); the best epoch's state is kept beside the latest.
   one_nn = config.monitor == '1nn'
-  softmax = config.loss == 'softmax'
-  monitor = evaluate.KnnEvaluator(config, mesh, k=1 if one_nn else None,
-                                  ks=(1,) if one_nn else (1, 5))
-  monitor_name = 'val/nn_top1' if one_nn else f'val/knn{monitor.k}_top1'
+  softmax = schema.is_softmax(config)
+  settings = evaluators.KnnSettings.from_config(config, k=1 if one_nn else None)
+  monitor = evaluators.KnnEvaluator(config, settings, ks=(1,) if one_nn else (1, 5))
+  embedder = evaluators.Embedder(config, mesh)
+  monitor_name = 'val/nn_top1' if one_nn else f'val/knn{settings.k}_top1'
   best = checkpoint.BestCheckpoint(workdir) if config.keep_best else None
   step = int(state.step)
 
@@ -217,20 +212,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
     """The monitor after the epoch that ends at `step`: its metric and line, the checkpoint
     (`save`; its config records that the epoch was evaluated), the offer to best/."""
     epoch = step // steps_per_epoch
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    embeddings = embedder.of({'params': state.params, 'batch_stats': state.batch_stats})
     if softmax:      # no bank: the training set embedded again is the database
-      database, database_labels, _ = monitor.embed(variables, config.data.train_split)
+      train = embeddings.get(config.data.train_split)
+      database = evaluators.Database(train.features, train.labels)
     else:
-      database, database_labels = state.bank, state.bank_labels
-    result = monitor.run(variables, database, database_labels)
+      database = evaluators.Database(state.bank, state.bank_labels)
+    result = monitor.run(embeddings, database)
     acc = result['top1']
     writer.write(step, {monitor_name: acc, 'epoch': epoch})
-    evaluated_config = dict(checkpoint_config, epoch_evaluated=True)
+    evaluated = dict(facts, epoch_evaluated=True)
     if save:
-      checkpoint.save(mngr, step, state, evaluated_config)
-    improved = best is not None and best.offer(step, state, acc, evaluated_config)
+      checkpoint.save(mngr, step, state, config, evaluated)
+    improved = best is not None and best.offer(step, state, acc, config, evaluated)
     if pid == 0:
-      what = '1-NN' if one_nn else f'weighted {monitor.k}-NN'
+      what = '1-NN' if one_nn else f'weighted {settings.k}-NN'
       print(f'epoch {epoch}/{config.num_epochs}: {what} top-1 {100 * acc:.2f}% '
             f'({result["num_queries"]} {config.data.eval_split} images against the '
             f'{"training set" if softmax else "bank"})'
@@ -271,7 +267,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
       finally:
         bar.close()
       if stop.requested(step):     # the epoch's evaluation, if it ended, is owed (resume)
-        checkpoint.save(mngr, step, state, dict(checkpoint_config, epoch_evaluated=False))
+        checkpoint.save(mngr, step, state, config, dict(facts, epoch_evaluated=False))
         mngr.wait_until_finished()
         if pid == 0:
           print(f'train.py: stopped by {signal.Signals(stop.signum).name} at step {step}; '
@@ -284,6 +280,38 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
   return state
 
 
+def _with_num_classes(config, train_source):
+  """The run's config with `data.num_classes` resolved: 0 means as many as the dataset
+  declares. A copy: the caller's config is left as it was given."""
+  if config.data.num_classes:
+    return config
+  num_classes = sources.num_classes(train_source) or 0
+  if not num_classes:
+    raise ConfigError(f'{config.data.name} does not say how many classes it has: set '
+                      f'--config.data.num_classes')
+  config = config.copy_and_resolve_references()
+  config.data.num_classes = num_classes
+  return config
+
+
+def _resume(mngr, step: int, abstract, *, config, num_examples: int, tx,
+            steps_per_epoch: int) -> state_lib.TrainState:
+  """The state of the checkpoint at `step`, checked against `config` and the training set's
+  size, onto the mesh of `abstract`. A converted checkpoint (the original's weights and bank,
+  without an optimizer state of this run's) starts a fresh optimizer state at its epoch."""
+  checkpoint.check_resumable(mngr, step, config=config, num_examples=num_examples)
+  _, facts = checkpoint.read_config(mngr, step)
+  if 'converted' not in facts:
+    return checkpoint.restore_train_state(mngr, step, abstract, num_examples=num_examples)
+  with checkpoint.reading(os.path.join(str(mngr.directory), str(step))):
+    arrays = checkpoint.restore_as_saved(mngr, step, abstract.bank.sharding.mesh)
+    return state_lib.from_arrays(
+        params=arrays['params'], batch_stats=arrays['batch_stats'],
+        bank=arrays['bank'][:num_examples], bank_labels=arrays['bank_labels'][:num_examples],
+        tx=tx, mesh=abstract.bank.sharding.mesh,
+        step=int(facts['converted']['epoch']) * steps_per_epoch)
+
+
 EVALUATED = 'evaluated.json'    # the last epoch evaluated after a stop at its end (resume)
 
 
@@ -294,7 +322,7 @@ def _evaluation_owed(mngr, latest: int, step: int, steps_per_epoch: int, workdir
   Checkpoints of other versions or converted ones say nothing: not owed. Every process agrees."""
   owed = False
   if step > 0 and step % steps_per_epoch == 0:
-    saved = checkpoint.restore_config(mngr, latest)
+    _, saved = checkpoint.read_config(mngr, latest)
     if saved.get('epoch_evaluated', True) is False:
       try:
         with open(os.path.join(workdir, EVALUATED)) as f:

@@ -126,6 +126,7 @@ def problems(config) -> list[str]:
   count('knn.batch_size', config.knn.batch_size)
   count('log_every_steps', config.log_every_steps)
   count('checkpoint_max_to_keep', config.checkpoint_max_to_keep)
+  count('stop_check_steps', config.stop_check_steps)
   return out
 
 

@@ -157,10 +157,9 @@ def final_state(workdir):
   """(latest step, {leaf path: array}) of a workdir's latest checkpoint, on one device."""
   from snca_jax import checkpoint
   from snca_jax import mesh as mesh_lib
-  from snca_jax import state as state_lib
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
   step = mngr.latest_step()
-  state = state_lib.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
   return step, {jax.tree_util.keystr(k): np.asarray(v)
                 for k, v in jax.tree_util.tree_leaves_with_path(state)}
 

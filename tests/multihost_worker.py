@@ -16,6 +16,7 @@ evaluation of the checkpoint.
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -81,27 +82,26 @@ def interleaved_eval(out):
   """Embeds the eval split of the checkpoint on the usual mesh and on one whose device order
   alternates between processes (as a TPU slice's can): features, labels, positions and masks
   must come back in one order on both."""
-  import ml_collections
-  from snca_jax import checkpoint, mesh as mesh_lib, models, state as state_lib
+  from snca_jax import checkpoint, evaluators, mesh as mesh_lib, models
   from snca_jax.data import pipeline
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(args.workdir), read_only=True)
   step = mngr.latest_step()
-  config = ml_collections.ConfigDict(checkpoint.restore_config(mngr, step))
+  config, _ = checkpoint.read_config(mngr, step)
   plain = mesh_lib.make_mesh()
   by_process = [[d for d in jax.devices() if d.process_index == p]
                 for p in range(jax.process_count())]
   interleaved = mesh_lib.make_mesh([d for group in zip(*by_process) for d in group])
   assert [d.process_index for d in interleaved.devices.flat] != sorted(
       d.process_index for d in interleaved.devices.flat)
-  saved = state_lib.restore_as_saved(mngr, step, plain)
+  saved = checkpoint.restore_as_saved(mngr, step, plain)
   variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
   source = pipeline.open_source(config.data, config.data.eval_split)
   kw = dict(data_config=config.data, transform=evaluate.transform(config, 'none'),
             batch_size=16)
-  fa, la, ia = evaluate.embed_dataset(variables, models.model_from_config(config), source,
-                                      mesh=plain, **kw)
-  fb, lb, ib = evaluate.embed_dataset(variables, models.model_from_config(config), source,
-                                      mesh=interleaved, **kw)
+  fa, la, ia = dataclasses.astuple(evaluators.embed_dataset(
+      variables, models.model_from_config(config), source, mesh=plain, **kw))
+  fb, lb, ib = dataclasses.astuple(evaluators.embed_dataset(
+      variables, models.model_from_config(config), source, mesh=interleaved, **kw))
   out['interleaved_feature_diff'] = np.asarray(np.abs(fa - fb).max())
   out['interleaved_same_order'] = np.asarray(np.array_equal(la, lb) and np.array_equal(ia, ib)
                                              and np.array_equal(ia, np.arange(len(source))))

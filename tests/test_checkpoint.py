@@ -185,13 +185,13 @@ def test_orbax_leftovers_are_dropped_unless_verbose(monkeypatch):
     raise RuntimeError('Event loop is closed')       # not asyncio's, not Orbax's
   except RuntimeError as e:
     elsewhere = e
-  assert checkpoint._orbax_leftover(closed, closed.__traceback__)
-  assert checkpoint._orbax_leftover(in_orbax, in_orbax.__traceback__)
-  assert not checkpoint._orbax_leftover(elsewhere, elsewhere.__traceback__)
+  assert checkpoint.quiet._orbax_leftover(closed, closed.__traceback__)
+  assert checkpoint.quiet._orbax_leftover(in_orbax, in_orbax.__traceback__)
+  assert not checkpoint.quiet._orbax_leftover(elsewhere, elsewhere.__traceback__)
   forwarded = []
   monkeypatch.setattr(sys, 'unraisablehook', forwarded.append)
-  checkpoint._quiet_orbax_leftovers()
-  checkpoint._quiet_orbax_leftovers()          # once only
+  checkpoint.quiet.quiet_orbax_leftovers()
+  checkpoint.quiet.quiet_orbax_leftovers()          # once only
   hook = sys.unraisablehook
   verbosity = absl_logging.get_verbosity()
   try:

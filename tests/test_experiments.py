@@ -1,12 +1,14 @@
 """The paper's experiments: the softmax baseline, sub-categories, novel classes (few-shot
 episodes), neighbour pictures and export; evaluators on embeddings whose answer is known."""
 
+import dataclasses
 import os
 
 import numpy as np
 import pytest
 
 from snca_jax import evaluate
+from snca_jax import evaluators
 from snca_jax import mesh as mesh_lib
 from snca_jax import train
 from snca_jax.data import pipeline
@@ -26,19 +28,19 @@ def _clusters(n_classes, per_class, dim=16, noise=0.0, seed=0):
 def test_few_shot_episodes_on_known_answers():
   support, s_labels = _clusters(8, 20)
   queries, q_labels = _clusters(8, 10)
-  res = evaluate.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=1,
+  res = evaluators.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=1,
                                    episodes=200)
   assert res['nearest'] == (1.0, 0.0) and res['mean'] == (1.0, 0.0)     # perfect clusters
   rng = np.random.default_rng(1)
   noise = lambda n: rng.normal(size=(n, 16)).astype(np.float32)
-  res = evaluate.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, ways=5,
+  res = evaluators.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, ways=5,
                                    shots=5, episodes=1000)
   for mean, ci in res.values():                 # random features: chance, 1 in 5
     assert abs(mean - 0.2) < 0.03 and 0 < ci < 0.01
-  again = evaluate.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, episodes=10)
+  again = evaluators.few_shot_episodes(noise(160), s_labels, noise(80), q_labels, episodes=10)
   assert again != res
   with pytest.raises(ValueError, match='5-way episodes need 5 classes'):
-    evaluate.few_shot_episodes(support[:60], s_labels[:60], queries, q_labels)
+    evaluators.few_shot_episodes(support[:60], s_labels[:60], queries, q_labels)
 
 
 def test_views_of_a_split(fake_data_config):
@@ -83,7 +85,7 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   page = open(os.path.join(workdir, 'neighbours', 'neighbours.html')).read()
   assert 'wrong' in page or result['neighbours/wrong_fraction'] == 0
   assert 'Trouser' not in page and 'Coat' not in page     # coarse classes have no fine names
-  names = evaluate.class_names(pipeline.open_source(fake_data_config.data, 'train'), 10)
+  names = evaluators.class_names(pipeline.open_source(fake_data_config.data, 'train'), 10)
   assert names[1] == 'Trouser' and names[9] == 'Ankle boot'
   assert exported['queries.npy'].shape == (40, 16) and exported['database.npy'].shape == (96, 16)
   np.testing.assert_array_equal(exported['query_index.npy'], np.arange(40))
@@ -102,20 +104,20 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
   result = evaluate.evaluate_checkpoint(workdir)
   # The classes never trained on, embedded by the trained network: support from the training
   # split, queries from the test split, each with its own labels 5..9.
-  knn_eval = evaluate.KnnEvaluator(config, mesh_lib.make_mesh())
-  from snca_jax import checkpoint, state as state_lib
+  embedder = evaluators.Embedder(config, mesh_lib.make_mesh())
+  from snca_jax import checkpoint
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
-  saved = state_lib.restore_as_saved(mngr, mngr.latest_step(), mesh_lib.make_mesh())
+  saved = checkpoint.restore_as_saved(mngr, mngr.latest_step(), mesh_lib.make_mesh())
   variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
-  support, s_labels, _ = knn_eval.embed(variables, 'train', 'held_out')
-  queries, q_labels, _ = knn_eval.embed(variables, 'test', 'held_out')
+  support, s_labels, _ = dataclasses.astuple(embedder.embed(variables, 'train', 'held_out'))
+  queries, q_labels, _ = dataclasses.astuple(embedder.embed(variables, 'test', 'held_out'))
   labels = lambda split: pipeline.read_labels(pipeline.open_source(config.data, split, 'fine'))
   np.testing.assert_array_equal(s_labels, labels('train')[labels('train') >= 5])
   np.testing.assert_array_equal(q_labels, labels('test')[labels('test') >= 5])
   assert_accuracy_matches({'top1': result['fewshot/knn_top1']}, weighted_knn_reference(
       queries, q_labels, support, s_labels, k=30, sigma=0.05, ks=(1,)), len(queries))
   for shots in (1, 5):
-    res = evaluate.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=shots)
+    res = evaluators.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=shots)
     for rule, (mean, ci) in res.items():
       assert result[f'fewshot/5way{shots}shot_{rule}'] == pytest.approx(mean, abs=1e-6)
       assert result[f'fewshot/5way{shots}shot_{rule}_ci95'] == pytest.approx(ci, abs=1e-6)

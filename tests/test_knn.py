@@ -63,8 +63,8 @@ def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   q, bank, labels, _ = problem(2, N=208)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
   sims, idx, lab = knn.top_k_neighbors(
-      jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.rows(mesh)),
-      jax.device_put(labels, mesh_lib.rows(mesh)), k=10, mesh=mesh)
+      jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=10, mesh=mesh)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :10]
   assert np.array_equal(np.asarray(idx), want)
   assert np.array_equal(np.asarray(lab), labels[want])
@@ -94,7 +94,7 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
   bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
   _, idx, _ = knn.top_k_neighbors(
-      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.rows(mesh)),
-      jax.device_put(labels_p, mesh_lib.rows(mesh)), k=3, mesh=mesh, chunk_size=128)
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, chunk_size=128)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :3]
   assert np.array_equal(np.asarray(idx), want)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from snca_jax import bank as bank_lib
 from snca_jax import mesh as mesh_lib
 from snca_jax import nca
 
@@ -123,7 +124,7 @@ def test_finite_at_low_temperature_and_unnormalised_bank():
 def test_padding_rows_are_ignored():
   f, idx, bank, labels = make_problem(5)
   pad_bank = np.concatenate([bank, np.tile(f[:1], (7, 1))])   # padding that would dominate
-  pad_labels = np.concatenate([labels, np.full(7, nca.PAD_LABEL, np.int32)])
+  pad_labels = np.concatenate([labels, np.full(7, bank_lib.PAD_LABEL, np.int32)])
   a = loss_and_grad(f, idx, bank, labels, temperature=0.05)
   b = loss_and_grad(f, idx, pad_bank, pad_labels, temperature=0.05)
   np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
@@ -149,36 +150,17 @@ def test_sharded_bank_gives_the_same_loss():
   np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-6)
 
 
-def test_update_bank():
-  f, idx, bank, labels = make_problem(8, unit_bank=False)
-  new = np.asarray(nca.update_bank(jnp.asarray(bank), idx, f, 0.5))
-  expected = bank.astype(np.float64).copy()
-  mixed = 0.5 * expected[idx] + 0.5 * f
-  expected[idx] = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
-  np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
-  untouched = np.setdiff1d(np.arange(len(bank)), idx)
-  assert np.array_equal(new[untouched], bank[untouched])
-
-
-def test_init_bank():
-  b = np.asarray(nca.init_bank(jax.random.key(0), 5000, 128))
-  s = 1 / np.sqrt(128 / 3)
-  assert b.shape == (5000, 128) and b.dtype == np.float32
-  assert b.min() >= -s and b.max() <= s
-  assert b.min() < -0.99 * s and b.max() > 0.99 * s       # uniform over the whole range
-  assert abs(b.mean()) < 0.01
-
-
 # --- the streaming, sharded kernel against the dense reference --------------------------------
+
 
 def _sharded(bank, labels, num_devices):
   """The bank padded to the device count (padding label -1) and sharded by rows."""
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
   pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank)
   bank = np.concatenate([bank, np.ones((pad, bank.shape[1]), np.float32)])
-  labels = np.concatenate([labels, np.full(pad, nca.PAD_LABEL, np.int32)])
-  return (mesh, jax.device_put(bank, mesh_lib.rows(mesh)),
-          jax.device_put(labels, mesh_lib.rows(mesh)))
+  labels = np.concatenate([labels, np.full(pad, bank_lib.PAD_LABEL, np.int32)])
+  return (mesh, jax.device_put(bank, mesh_lib.row_sharding(mesh)),
+          jax.device_put(labels, mesh_lib.row_sharding(mesh)))
 
 
 def streaming_loss_and_grad(f, idx, mesh, bank, labels, **kw):
@@ -241,7 +223,7 @@ def test_nca_step_matches_dense_loss_gradient_and_update(num_devices, chunk_size
   np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-5,
                              atol=1e-5 * np.abs(want_grad).max())
   assert new.sharding.is_equivalent_to(sb.sharding, 2)
-  want = np.asarray(nca.update_bank(jnp.asarray(bank), idx, f, 0.8))
+  want = np.asarray(bank_lib.update(jnp.asarray(bank), idx, f, 0.8))
   np.testing.assert_allclose(np.asarray(new)[:203], want, rtol=1e-6, atol=1e-7)
   np.testing.assert_array_equal(np.asarray(new)[203:], np.asarray(sb)[203:])   # padding kept
 

@@ -1,4 +1,4 @@
-"""The train state's life: padding, building from host arrays, and restoring a checkpoint
+"""The train state's life: building from host arrays, and restoring a checkpoint
 written on any device count onto any other, with a row count that no device count divides."""
 
 import os
@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from snca_jax import bank as bank_lib
 from snca_jax import checkpoint
 from snca_jax import evaluate
 from snca_jax import mesh as mesh_lib
@@ -21,14 +22,6 @@ from conftest import final_state, make_fake_fashion_mnist, subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 101                                    # prime: no device count above 1 divides it
-
-
-def test_pad_bank():
-  bank, labels = np.ones((5, 3), np.float32), np.arange(5)
-  b, l = state_lib.pad_bank(bank, labels, 8)
-  assert b.shape == (8, 3) and not b[5:].any() and list(l) == [0, 1, 2, 3, 4, -1, -1, -1]
-  b, l = state_lib.pad_bank(np.ones((8, 3)), np.r_[np.arange(5), [-1] * 3], 6)
-  assert b.shape == (6, 3) and list(l) == [0, 1, 2, 3, 4, -1]
 
 
 def _setup(devices, fake_data_config):
@@ -49,14 +42,14 @@ def test_restore_onto_another_device_count(written_on, restored_on, fake_data_co
   labels = np.arange(N) % 10
   state = state_lib.create_train_state(model, tx, key=jax.random.key(1), bank_labels=labels,
                                        image_shape=(28, 28, 1), low_dim=16, mesh=mesh)
-  assert state.bank.shape[0] == state_lib.num_rows(N, mesh)
+  assert state.bank.shape[0] == bank_lib.num_rows(N, mesh)
   mngr = checkpoint.manager(str(tmp_path))
-  checkpoint.save(mngr, 4, state, dict(config.to_dict(), num_examples=N))
+  checkpoint.save(mngr, 4, state, config, {'num_examples': N})
   mngr.wait_until_finished()
   config, mesh2, _, tx, abstract = _setup(restored_on, fake_data_config)
-  restored = state_lib.restore(mngr, 4, abstract, config=config, num_examples=N, tx=tx,
-                               steps_per_epoch=4)
-  rows = state_lib.num_rows(N, mesh2)
+  checkpoint.check_resumable(mngr, 4, config=config, num_examples=N)
+  restored = checkpoint.restore_train_state(mngr, 4, abstract, num_examples=N)
+  rows = bank_lib.num_rows(N, mesh2)
   assert restored.bank.shape == (rows, 16) and restored.bank.sharding == abstract.bank.sharding
   np.testing.assert_array_equal(np.asarray(restored.bank)[:N], np.asarray(state.bank)[:N])
   np.testing.assert_array_equal(np.asarray(restored.bank_labels),
@@ -64,8 +57,7 @@ def test_restore_onto_another_device_count(written_on, restored_on, fake_data_co
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(state.params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(CheckpointError, match=f'bank of {N} rows but the training set has 99'):
-    state_lib.restore(mngr, 4, _setup(restored_on, fake_data_config)[4], config=config,
-                      num_examples=99, tx=tx, steps_per_epoch=4)
+    checkpoint.check_resumable(mngr, 4, config=config, num_examples=99)
 
 
 def test_from_arrays(fake_data_config):

@@ -1,7 +1,8 @@
 """The paper's claims on Fashion-MNIST, one command: NCA beside the softmax baseline.
 
-    python -m snca_jax.experiments --workdir runs/experiments            # all three
-    python -m snca_jax.experiments --workdir runs/experiments --only fewshot --epochs 5
+    python experiments.py --workdir runs/experiments            # all three
+    python experiments.py --workdir runs/experiments --only fewshot --epochs 5
+    python experiments.py --workdir runs/quick --override batch_size=16 --override model=tiny_resnet
 
 Trains, for each experiment, configs/fashion_mnist.py with the NCA loss and with the softmax
 baseline (same network, schedule and data), evaluates both the same way, and writes
@@ -16,11 +17,18 @@ baseline (same network, schedule and data), evaluates both the same way, and wri
 Runs that already finished in the workdir are evaluated again, not retrained.
 """
 
-import argparse
+import ast
 import json
 import os
-import sys
 import time
+
+from absl import app
+from absl import flags
+
+from configs import fashion_mnist
+from snca_jax import cli
+from snca_jax import evaluate
+from snca_jax import train
 
 EXPERIMENTS = {'knn': '', 'subcategory': 'coarse', 'fewshot': 'novel'}
 
@@ -63,23 +71,48 @@ def bar_chart(path, rows):
   image.save(path)
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--workdir', required=True)
-  p.add_argument('--only', default=','.join(EXPERIMENTS))
-  p.add_argument('--epochs', type=int, default=None, help='default: the config\'s (5)')
-  p.add_argument('--idx_dir', default='', help='Fashion-MNIST IDX files (default: Debian\'s)')
-  p.add_argument('--data_dir', default='')
-  p.add_argument('--override', action='append', default=[],
-                 help='FIELD=VALUE set on every config (e.g. batch_size=16, model=tiny_resnet)')
-  args = p.parse_args(argv)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import fashion_mnist
-  from snca_jax import evaluate, train
-  chosen = [e for e in args.only.split(',') if e]
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Where the runs, results.md and results.png go.',
+                    required=True)
+flags.DEFINE_list('only', list(EXPERIMENTS), 'Experiments to run: ' + ', '.join(EXPERIMENTS))
+flags.DEFINE_integer('epochs', None, 'Epochs of every run (default: the config\'s, 5).')
+flags.DEFINE_string('idx_dir', '', 'Fashion-MNIST IDX files (default: Debian\'s).')
+flags.DEFINE_string('data_dir', '', 'TFDS data dir (default: ~/tensorflow_datasets).')
+flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set on every config, VALUE a Python '
+                          'literal or a string (e.g. batch_size=16, model=tiny_resnet, '
+                          'keep_best=False).')
+
+
+def override(config, item: str):
+  """Sets `FIELD=VALUE` on `config`: VALUE read as a Python literal where it is one (False,
+  16, (1, 2)), else as the string; the config checks its type."""
+  field, _, text = item.partition('=')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  try:
+    target = config
+    *parents, leaf = field.split('.')
+    for name in parents:
+      target = target[name]
+    if leaf not in target:
+      raise KeyError(leaf)
+    target[leaf] = value
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ValueError(f'--override {item} cannot be set ({type(e).__name__}: {e}): give '
+                     f'FIELD=VALUE with a field of configs/fashion_mnist.py and a value of its '
+                     f'type') from None
+
+
+def main(argv):
+  del argv
+  args = FLAGS
+  chosen = list(args.only)
   unknown = set(chosen) - set(EXPERIMENTS)
   if unknown:
-    p.error(f'unknown experiments {sorted(unknown)}: choose from {", ".join(EXPERIMENTS)}')
+    raise ValueError(f'unknown experiments {sorted(unknown)}: choose from '
+                     f'{", ".join(EXPERIMENTS)}')
   os.makedirs(args.workdir, exist_ok=True)
   table, timings = [], {}
   for experiment in chosen:
@@ -91,12 +124,7 @@ def main(argv=None):
       if args.epochs:
         config.num_epochs = args.epochs
       for item in args.override:
-        field, _, value = item.partition('=')
-        target = config
-        *parents, leaf = field.split('.')
-        for name in parents:
-          target = target[name]
-        target[leaf] = type(target[leaf])(value)
+        override(config, item)
       workdir = os.path.join(args.workdir, f'{experiment}-{loss}')
       t0 = time.time()
       train.train_and_evaluate(config, workdir)
@@ -127,4 +155,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-  main()
+  app.run(lambda argv: cli.run('experiments.py', lambda: main(argv)),
+          flags_parser=cli.flags_parser('experiments.py'))
