@@ -5,8 +5,8 @@ import re
 
 import numpy as np
 
+from snca_jax.convert.unpickler import PickledModule
 from snca_jax.errors import CheckpointError
-from snca_jax.torch_pickle import PickledModule
 
 
 def to_numpy(t):
