@@ -22,7 +22,8 @@ from typing import NamedTuple
 import numpy as np
 
 from snca_jax.convert.unpickler import load_torch_checkpoint
-from snca_jax.convert.weights import infer_architecture, split_checkpoint, torch_to_flax, to_numpy
+from snca_jax.convert.weights import infer_architecture, split_checkpoint, strip_module_prefix
+from snca_jax.convert.weights import torch_to_flax, to_numpy
 from snca_jax.errors import CheckpointError
 
 
@@ -44,8 +45,7 @@ def read_original(src: str) -> Original:
   """Reads `src` (the original's checkpoint or a plain ResNet state dict) without running any
   code it names; a file that is not one raises CheckpointError, in one line."""
   state_dict, memory, epoch = split_checkpoint(load_torch_checkpoint(src))
-  state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                for k, v in state_dict.items()}
+  state_dict = strip_module_prefix(state_dict)
   arch, layout = infer_architecture(state_dict)
   params, stats, head = torch_to_flax(state_dict)
   bank = temperature = memory_momentum = None
