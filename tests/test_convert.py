@@ -23,11 +23,10 @@ from snca_jax import evaluate  # noqa: E402
 from snca_jax import mesh as mesh_lib  # noqa: E402
 from snca_jax import state as state_lib  # noqa: E402
 from snca_jax import models  # noqa: E402
-from snca_jax import torch_pickle  # noqa: E402
 from snca_jax import train  # noqa: E402
 from snca_jax.errors import CheckpointError  # noqa: E402
 
-from conftest import subprocess_env  # noqa: E402
+from conftest import ROOT, subprocess_env  # noqa: E402
 
 
 # --- PyTorch ResNets in torchvision's layout and in the original's CIFAR layout -------------
@@ -302,7 +301,7 @@ def test_unpickler_refuses_other_classes(tmp_path):
   with open(src, 'wb') as f:
     pickle.dump({'state_dict': Evil()}, f)
   with pytest.raises(CheckpointError, match='refusing to unpickle'):
-    torch_pickle.load_torch_checkpoint(str(src))
+    convert.load_torch_checkpoint(str(src))
   assert not (tmp_path / 'pwned').exists()
 
 
@@ -384,7 +383,7 @@ def test_unpickler_refuses_tensors_larger_than_their_storage(case, legacy, tmp_p
   src = str(tmp_path / 'x.pth')
   torch.save({'state_dict': {'w': make()}}, src, _use_new_zipfile_serialization=not legacy)
   with pytest.raises(CheckpointError) as e:
-    torch_pickle.load_torch_checkpoint(src)
+    convert.load_torch_checkpoint(src)
   message = str(e.value)
   assert '\n' not in message
   assert f'declares shape {shape}' in message and 'in a storage of 4 float32 elements' in message
@@ -397,7 +396,7 @@ def test_unpickler_refuses_tensors_made_of_nothing(cls, tmp_path):
   src = str(tmp_path / 'x.pth')
   torch.save({'state_dict': {'w': _Forged(getattr(torch, cls), 10**6, 4)}}, src)
   with pytest.raises(CheckpointError, match=f'refusing to call torch.*{cls}'):
-    torch_pickle.load_torch_checkpoint(src)
+    convert.load_torch_checkpoint(src)
 
 
 def test_unpickler_refuses_the_tar_format(tmp_path):
@@ -410,7 +409,7 @@ def test_unpickler_refuses_the_tar_format(tmp_path):
     info.size = 4
     tar.addfile(info, io.BytesIO(b'\x80\x02K\x00'))
   with pytest.raises(CheckpointError, match='tar format'):
-    torch_pickle.load_torch_checkpoint(src)
+    convert.load_torch_checkpoint(src)
 
 
 def _peak_memory_growth(fn):
@@ -513,8 +512,9 @@ def test_command_line(tmp_path):
   torch.save(TorchResNet((2, 2, 2, 2), False, True).state_dict(), tmp_path / 'r18.pth')
   np.save(tmp_path / 'labels.npy', np.arange(30) % 3)
   env = subprocess_env()
-  run = lambda *a: subprocess.run([sys.executable, '-m', 'snca_jax.convert', *a], cwd=tmp_path,
-                                  env=env, capture_output=True, text=True, timeout=300)
+  run = lambda *a: subprocess.run([sys.executable, os.path.join(ROOT, 'convert.py'), *a],
+                                  cwd=tmp_path, env=env, capture_output=True, text=True,
+                                  timeout=300)
   r = run(str(tmp_path / 'r18.pth'), '--workdir', str(tmp_path / 'w'),
           '--labels', str(tmp_path / 'labels.npy'))
   assert r.returncode == 0, r.stderr[-2000:]

@@ -1,7 +1,5 @@
-"""Converts the original's released checkpoints, and torchvision ResNets, to snca-jax checkpoints.
-
-    python -m snca_jax.convert snca_resnet50.pth.tar --workdir runs/r50 --labels_dataset imagenet2012
-    python -m snca_jax.convert resnet18-f37072fd.pth --workdir runs/r18 --init_head
+"""Converts the original's released checkpoints, and torchvision ResNets, to snca-jax checkpoints
+(the library; the command is the repository's `convert.py`).
 
 Input, read with torch (`pip install .[convert]`):
   - the original's checkpoint: a dict with `state_dict` (keys prefixed `module.`), the pickled
@@ -9,23 +7,58 @@ Input, read with torch (`pip install .[convert]`):
     `params` holds [temperature, memory momentum]), `epoch`, `best_prec1`, `optimizer`;
   - or a plain state dict of a torchvision ResNet (ImageNet layout) or of the original's
     CIFAR ResNet (`models/resnet_cifar.py`: conv1, layer1..4 with `shortcut`, `linear`).
-The pickle is read by `torch_pickle`'s unpickler, which runs no code the file names and
-refuses any tensor larger than the data the file holds; `torch_weights` maps the weights.
+The pickle is read by `unpickler`'s unpickler, which runs no code the file names and
+refuses any tensor larger than the data the file holds; `weights` maps the weights.
 
 Output: an Orbax checkpoint of the train state (params, batch statistics, a fresh optimizer
-state, the bank and, given `--labels` or `--labels_dataset`, its labels; otherwise every bank row
+state, the bank and, given `labels` or `labels_dataset`, its labels; otherwise every bank row
 is unlabelled and `eval_knn.py --recompute` is the way to evaluate), with the run's config, so
 that `eval_knn.py` evaluates it and `train.py` continues training it.
 """
 
 import os
-import sys
+from typing import NamedTuple
 
 import numpy as np
 
-from snca_jax.errors import CheckpointError, ConfigError
-from snca_jax.torch_pickle import load_torch_checkpoint
-from snca_jax.torch_weights import infer_architecture, split_checkpoint, torch_to_flax, to_numpy
+from snca_jax.convert.unpickler import load_torch_checkpoint
+from snca_jax.convert.weights import infer_architecture, split_checkpoint, strip_module_prefix
+from snca_jax.convert.weights import torch_to_flax, to_numpy
+from snca_jax.errors import CheckpointError
+
+
+class Original(NamedTuple):
+  """What a .pth file holds, as host arrays (see `read_original`)."""
+  source: str                    # the file's path
+  arch: str                      # e.g. 'resnet50', 'cifar_resnet18'
+  layout: str                    # 'imagenet' (torchvision's) or 'cifar' (the original's CIFAR)
+  params: dict                   # the Flax ResNet's params, with 'head' where `head`
+  batch_stats: dict
+  head: bool                     # whether the file has a head (fc / linear)
+  bank: np.ndarray | None        # the memory bank, (rows, dim), in the original's row order
+  temperature: float | None      # the memory module's [temperature, memory momentum]
+  memory_momentum: float | None
+  epoch: int
+
+
+def read_original(src: str) -> Original:
+  """Reads `src` (the original's checkpoint or a plain ResNet state dict) without running any
+  code it names; a file that is not one raises CheckpointError, in one line."""
+  state_dict, memory, epoch = split_checkpoint(load_torch_checkpoint(src))
+  state_dict = strip_module_prefix(state_dict)
+  arch, layout = infer_architecture(state_dict)
+  params, stats, head = torch_to_flax(state_dict)
+  bank = temperature = memory_momentum = None
+  if memory is not None:
+    bank = _bank_array(memory.buffer('memory'), src)
+    mem_params = memory.buffer('params')
+    if mem_params is not None:
+      temperature = float(to_numpy(mem_params)[0])
+      memory_momentum = float(to_numpy(mem_params)[1])
+  return Original(source=src, arch=arch, layout=layout, params=params, batch_stats=stats,
+                  head=head, bank=bank, temperature=temperature,
+                  memory_momentum=memory_momentum, epoch=epoch)
+
 
 def _bank_array(memory, src) -> np.ndarray:
   """The original's memory bank as a C-ordered float32 (rows, dim) array. The pickled tensor
@@ -86,11 +119,11 @@ def dataset_labels(config, name: str):
   return labels, original_order(records)
 
 
-def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_dataset=None,
+def convert(src, *, checkpoint_dir: str, config, labels=None, labels_dataset=None,
             init_head=False, seed=0):
-  """Converts `src`; returns (step written, summary dict). `config` is the run's config
-  (default: configs/imagenet_resnet18.py or cifar10_resnet18.py by the layout); its model,
-  low_dim, temperature and memory momentum are set from the checkpoint.
+  """Converts `src` (a path, or what `read_original` read from one); returns (step written,
+  summary dict). `config` is the run's config; its model, low_dim, temperature and memory
+  momentum are set from the checkpoint.
 
   The original's bank is in its own order (ImageFolder's); with `labels_dataset` its rows are
   put in that dataset's record order, which is this project's bank order. `labels` (a file)
@@ -105,23 +138,16 @@ def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_d
   from snca_jax import optim
   from snca_jax import state as state_lib
 
-  state_dict, memory, epoch = split_checkpoint(load_torch_checkpoint(src))
-  state_dict = {k[len('module.'):] if k.startswith('module.') else k: v
-                for k, v in state_dict.items()}
-  arch, layout = infer_architecture(state_dict)
-  params, stats, head = torch_to_flax(state_dict)
-  if config is None:        # the original's recipe for that layout
-    from configs import cifar10_resnet18, imagenet_resnet18
-    config = (cifar10_resnet18 if layout == 'cifar' else imagenet_resnet18).get_config()
+  original = src if isinstance(src, Original) else read_original(src)
+  src, arch, layout, epoch = original.source, original.arch, original.layout, original.epoch
+  # a copy of the params, whose head is dropped or replaced below: `original` stays as read
+  params, stats, head = dict(original.params), original.batch_stats, original.head
   config = config.copy_and_resolve_references()
   config.model = arch
-  bank = None
-  if memory is not None:
-    bank = _bank_array(memory.buffer('memory'), src)
-    mem_params = memory.buffer('params')
-    if mem_params is not None:
-      config.temperature = float(to_numpy(mem_params)[0])
-      config.memory_momentum = float(to_numpy(mem_params)[1])
+  bank = original.bank
+  if original.temperature is not None:
+    config.temperature = original.temperature
+    config.memory_momentum = original.memory_momentum
   if bank is not None:
     config.low_dim = int(bank.shape[1])
   if head and params['head']['kernel'].shape[1] != config.low_dim:
@@ -174,56 +200,3 @@ def convert(src: str, *, checkpoint_dir: str, config=None, labels=None, labels_d
              'temperature': config.temperature, 'bank_rows': len(bank), 'epoch': epoch,
              'labelled': bool(np.any(bank_labels >= 0)), 'head_initialised': not head,
              'reordered': order is not None and not np.array_equal(order, np.arange(len(bank)))}
-
-
-def main(argv):
-  from absl import flags
-
-  from snca_jax import checkpoint
-  from snca_jax import cli
-
-  flags_ = flags.FLAGS
-
-  def run():
-    if len(argv) != 2:
-      raise ConfigError('usage: python -m snca_jax.convert SRC.pth[.tar] --workdir DIR')
-    src = argv[1]
-    config = cli.config('convert')
-    if not (flags_.workdir or flags_.checkpoint):
-      raise ConfigError('give --workdir DIR (or --checkpoint PATH) to write the checkpoint to')
-    target = flags_.checkpoint or checkpoint.checkpoint_dir(flags_.workdir)
-    step, info = convert(src, checkpoint_dir=target, config=config, labels=flags_.labels,
-                         labels_dataset=flags_.labels_dataset, init_head=flags_.init_head)
-    print(f"converted {src}: {info['model']} ({info['layout']} layout), {info['low_dim']}-d, "
-          f"bank of {info['bank_rows']} rows ({'labelled' if info['labelled'] else 'unlabelled'}"
-          f"{', put in the dataset' + chr(39) + 's record order' if info['reordered'] else ''}"
-          f"), temperature {info['temperature']:g}, epoch {info['epoch']}"
-          f"{', head initialised at random' if info['head_initialised'] else ''}; "
-          f"written to {target}/{step}")
-
-  cli.run('convert', run)
-
-
-def _define_flags():
-  from absl import flags
-  from ml_collections import config_flags
-  config_flags.DEFINE_config_file('config', None, 'Config of the converted run (default: '
-                                  'configs/imagenet_resnet18.py or cifar10_resnet18.py, with '
-                                  'the model, low_dim and temperature of the checkpoint).')
-  flags.DEFINE_string('workdir', None, 'Workdir to write the checkpoint into.')
-  flags.DEFINE_string('checkpoint', None, 'Checkpoints directory to write into instead.')
-  flags.DEFINE_string('labels', None, 'Bank labels: a .npy file or a text file of one integer '
-                      'per line, in the bank\'s row order.')
-  flags.DEFINE_string('labels_dataset', None, 'Bank labels: the training split of this '
-                      'dataset (a TFDS name with the config\'s data_dir, or "folder" with '
-                      '--config.data.root); the bank is put in its record order.')
-  flags.DEFINE_bool('init_head', False, 'Initialise the embedding head at random where the '
-                    'state dict has none of the right size.')
-
-
-if __name__ == '__main__':
-  from absl import app
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
-  _define_flags()
-  from snca_jax import cli
-  app.run(main, flags_parser=cli.flags_parser('convert'))

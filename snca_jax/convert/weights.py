@@ -5,12 +5,20 @@ import re
 
 import numpy as np
 
+from snca_jax.convert.unpickler import PickledModule
 from snca_jax.errors import CheckpointError
-from snca_jax.torch_pickle import PickledModule
 
 
 def to_numpy(t):
   return t.detach().cpu().numpy() if hasattr(t, 'detach') else np.asarray(t)
+
+
+def strip_module_prefix(state_dict):
+  """`state_dict` with the `module.` prefix taken off its keys: the original saved its model
+  wrapped in DataParallel, whose state dict names every entry `module.<name>`. Plain
+  torchvision state dicts have no prefix and pass as they are."""
+  return {k[len('module.'):] if k.startswith('module.') else k: v
+          for k, v in state_dict.items()}
 
 
 def split_checkpoint(obj):
@@ -70,8 +78,7 @@ def torch_to_flax(state_dict):
       tree = tree.setdefault(p, {})
     tree[path[-1]] = value
 
-  for key, value in state_dict.items():
-    key = key[len('module.'):] if key.startswith('module.') else key
+  for key, value in strip_module_prefix(state_dict).items():
     module, _, leaf = key.rpartition('.')
     v = to_numpy(value).astype(np.float32) if leaf != 'num_batches_tracked' else None
     if module in ('fc', 'linear'):
