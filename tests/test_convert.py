@@ -21,7 +21,6 @@ from snca_jax import checkpoint  # noqa: E402
 from snca_jax import convert  # noqa: E402
 from snca_jax import evaluate  # noqa: E402
 from snca_jax import mesh as mesh_lib  # noqa: E402
-from snca_jax import state as state_lib  # noqa: E402
 from snca_jax import models  # noqa: E402
 from snca_jax import train  # noqa: E402
 from snca_jax.errors import CheckpointError  # noqa: E402
@@ -196,10 +195,9 @@ def save_original(path, model, n_bank, T=0.07, momentum=0.5, epoch=3, legacy=Fal
 def flax_embed(workdir, x_nchw):
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir), read_only=True)
   step = mngr.latest_step()
-  config = checkpoint.restore_config(mngr, step)
-  state = state_lib.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
-  import ml_collections
-  model = models.model_from_config(ml_collections.ConfigDict(config))
+  config = checkpoint.restore_config(mngr, step)        # as stored, with its run facts
+  state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
+  model = models.model_from_config(checkpoint.read_config(mngr, step)[0])
   out = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
                     np.transpose(x_nchw, (0, 2, 3, 1)), train=False)
   return np.asarray(out), state, config
@@ -267,7 +265,7 @@ def test_torchvision_state_dict_needs_a_head(tmp_path):
   assert info['head_initialised'] and info['bank_rows'] == len(labels)
   assert info['low_dim'] == config.low_dim != model.fc.out_features
   mngr = checkpoint.manager(str(tmp_path / 'ck'), read_only=True)
-  state = state_lib.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
+  state = checkpoint.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
   # the backbone is the file's (OIHW -> HWIO), the head a new one of the config's size
   np.testing.assert_array_equal(np.asarray(state['params']['conv1']['kernel']),
                                 model.conv1.weight.detach().numpy().transpose(2, 3, 1, 0))
@@ -478,7 +476,7 @@ def test_converted_checkpoint_evaluates_and_resumes(fake_data_config, fake_idx_d
   # The dataset's records are in IDX order, torchvision's FashionMNIST order, the original's:
   # the bank is the original's as it is, each row labelled from the IDX file.
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(str(workdir)), read_only=True)
-  converted = state_lib.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
+  converted = checkpoint.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
   np.testing.assert_array_equal(np.asarray(converted['bank'])[:len(memory)], memory)
   np.testing.assert_array_equal(np.asarray(converted['bank_labels'])[:len(memory)],
                                 train_labels)
@@ -553,7 +551,7 @@ def test_bank_rows_follow_the_dataset_records(source, image_tree, photos_tfds, t
   _, info = convert.convert(src, checkpoint_dir=str(tmp_path / 'ck'), config=config,
                             labels_dataset=source)
   mngr = checkpoint.manager(str(tmp_path / 'ck'), read_only=True)
-  state = state_lib.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
+  state = checkpoint.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
   data = config.data.copy_and_resolve_references()
   data.name = source
   records = pipeline.open_source(data, 'train').__getitems__(range(len(files)))

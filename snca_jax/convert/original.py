@@ -131,10 +131,10 @@ def convert(src, *, checkpoint_dir: str, config, labels=None, labels_dataset=Non
   own and the original's epoch: `train.py` starts a fresh optimizer for its recipe and
   resumes at that epoch, whatever the recipe's batch size."""
   import jax
+  from snca_jax import bank as bank_lib
   from snca_jax import checkpoint
   from snca_jax import mesh as mesh_lib
   from snca_jax import models
-  from snca_jax import nca
   from snca_jax import optim
   from snca_jax import state as state_lib
 
@@ -178,11 +178,11 @@ def convert(src, *, checkpoint_dir: str, config, labels=None, labels_dataset=Non
     if n == 0:
       raise CheckpointError('no memory bank in the checkpoint: give --labels or '
                             '--labels_dataset so that a bank of the right size can be made')
-    bank = np.asarray(nca.init_bank(jax.random.key(seed), n, config.low_dim))
+    bank = np.asarray(bank_lib.init(jax.random.key(seed), n, config.low_dim))
   elif order is not None and len(order) == len(bank):
     bank = bank[order]              # record r of the dataset is the original's row order[r]
   if bank_labels is None:
-    bank_labels = np.full(len(bank), state_lib.PAD_LABEL, np.int32)
+    bank_labels = np.full(len(bank), bank_lib.PAD_LABEL, np.int32)
   if len(bank_labels) != len(bank):
     raise CheckpointError(f'{len(bank_labels)} labels for a bank of {len(bank)} rows: give '
                           f'the labels of the training set the bank was made from')
@@ -192,9 +192,9 @@ def convert(src, *, checkpoint_dir: str, config, labels=None, labels_dataset=Non
   state = state_lib.from_arrays(params=params, batch_stats=stats, bank=bank,
                                 bank_labels=bank_labels, tx=tx, mesh=mesh)
   mngr = checkpoint.manager(checkpoint_dir, max_to_keep=config.checkpoint_max_to_keep)
-  checkpoint.save(mngr, 0, state, dict(
-      config.to_dict(), num_examples=len(bank),
-      converted={'source': os.path.abspath(src), 'epoch': epoch}))
+  checkpoint.save(mngr, 0, state, config, {
+      'num_examples': len(bank),
+      'converted': {'source': os.path.abspath(src), 'epoch': epoch}})
   mngr.wait_until_finished()
   return 0, {'model': arch, 'layout': layout, 'low_dim': config.low_dim,
              'temperature': config.temperature, 'bank_rows': len(bank), 'epoch': epoch,
