@@ -6,7 +6,7 @@
   ours   snca_jax.nca.nca_step (loss, gradient and bank update in one pass; one device here),
          jitted, bank donated so that the update is in place
   ours_bf16  the same with matmul_dtype=bfloat16 (bfloat16 products, float32 accumulation)
-  dense  snca_jax.nca.nca_loss (the dense reference) + update_bank, jitted, bank donated
+  dense  snca_jax.nca.nca_loss (the dense reference) + snca_jax.bank.update, jitted, bank donated
   torch  the original's operation in PyTorch: LinearAverage (x @ memory.T / T; backward
          grad @ memory / T, then the in-place momentum update of the memory) + NCACrossEntropy
   floor  the two matrix products alone: (B, D) x (D, N), then (B, N) x (N, D)
@@ -69,6 +69,7 @@ def jax_variant(name, args):
   import jax
   import jax.numpy as jnp
   sys.path.insert(0, ROOT)
+  from snca_jax import bank as bank_lib
   from snca_jax import mesh as mesh_lib
   from snca_jax import nca
   f, idx, labels = make_inputs(args.n, args.b, args.d)
@@ -92,7 +93,7 @@ def jax_variant(name, args):
     def step(bank, f):
       loss, grad = jax.value_and_grad(
           lambda x: nca.nca_loss(x, idx, bank, labels, temperature=T))(f)
-      return nca.update_bank(bank, idx, f, 0.5), (loss, grad)
+      return bank_lib.update(bank, idx, f, 0.5), (loss, grad)
   # Compile first, so that the compiler's own memory is not counted as the step's.
   abstract_bank = jax.ShapeDtypeStruct((args.n, args.d), jnp.float32,
                                        sharding=mesh_lib.row_sharding(mesh))
