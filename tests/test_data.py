@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from snca_jax import models
-from snca_jax.data import augment
 from snca_jax.data import fashion_mnist
 from snca_jax.data import pipeline
+from snca_jax.data import transforms
 from snca_jax.errors import DataError
 
 
@@ -94,7 +94,7 @@ def test_crop_flip():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 255, size=(64, 28, 28, 1)).astype(np.uint8)
   rngs = [np.random.default_rng(i) for i in range(64)]
-  y = augment.random_crop_flip(x, rngs, pad=2)
+  y = transforms.random_crop_flip(x, rngs, pad=2)
   assert y.shape == x.shape and y.dtype == np.uint8
   # Every output is a shifted (and maybe flipped) window of the zero-padded input.
   padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))

@@ -22,9 +22,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from snca_jax.data import augment
 from snca_jax.data import folder
 from snca_jax.data import images
+from snca_jax.data import transforms
 from snca_jax.data.fashion_mnist import DEFAULT_IDX_DIR, FashionMnistIdx
 from snca_jax.errors import DataError
 
@@ -400,7 +400,7 @@ class Transform:
     if self.kind in ('none', 'crop_flip'):
       x = np.stack([images.decode(im, c) if _encoded(im) else np.asarray(im) for im in x])
       if self.kind == 'crop_flip':
-        x = augment.random_crop_flip(x, rngs, pad=4 if size >= 32 else 2)
+        x = transforms.random_crop_flip(x, rngs, pad=4 if size >= 32 else 2)
     elif self.kind == 'cifar':
       x = np.stack([images.cifar_train(im, r, size, c) for im, r in zip(x, rngs)])
     elif self.kind == 'imagenet':
