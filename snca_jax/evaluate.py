@@ -18,12 +18,8 @@ from snca_jax import models
 from snca_jax import state as state_lib
 from snca_jax import step
 from snca_jax.data import pipeline
+from snca_jax.data import transforms
 from snca_jax.errors import CheckpointError, ConfigError
-
-
-def transform(config, kind: str) -> pipeline.Transform:
-  d = config.data
-  return pipeline.Transform(kind, d.image_size, d.channels, d.get('reduced_decode', True))
 
 
 @functools.lru_cache(maxsize=None)
@@ -86,7 +82,7 @@ class KnnEvaluator:
     self.sigma = float(sigma or config.knn.sigma or config.temperature)
     self.batch_size = int(batch_size or config.knn.batch_size)
     self.model = models.model_from_config(config)
-    self.transform = transform(config, config.data.eval_augment)
+    self.transform = transforms.from_config(config.data, config.data.eval_augment)
     self._sources = {}
 
   def source(self, split, view='train'):

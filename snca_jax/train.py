@@ -37,6 +37,7 @@ from snca_jax import state as state_lib
 from snca_jax import step as step_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
+from snca_jax.data import transforms
 from snca_jax.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
 log = logging.getLogger('snca_jax')
@@ -202,7 +203,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
     return state                      # a signal while the state was built or restored
   writer = metrics_lib.MetricWriter(workdir)
   checkpoint_config = dict(config.to_dict(), num_examples=num_examples)
-  train_transform = evaluate.transform(config, config.data.train_augment)
+  train_transform = transforms.from_config(config.data, config.data.train_augment)
   # The per-epoch monitor against the bank: the original's 1-NN (main.py), or weighted kNN with
   # the config's k (cifar.py); the best epoch's state is kept beside the latest.
   one_nn = config.monitor == '1nn'

@@ -13,7 +13,7 @@ from snca_jax.errors import DataError
 
 
 def _transform(kind='none', size=28):
-  return pipeline.Transform(kind, size, channels=1)
+  return transforms.BatchTransform(kind, size, channels=1)
 
 
 def test_record_position_is_the_dense_index(fake_data_config, fake_idx_dir):
@@ -114,7 +114,7 @@ def test_normalize_on_the_device():
 
 def test_unknown_augmentation():
   with pytest.raises(ValueError, match="unknown augmentation 'imagenett'"):
-    pipeline.Transform('imagenett', 224)
+    transforms.BatchTransform('imagenett', 224)
 
 
 def test_worker_processes_give_the_same_batches(fake_data_config):

@@ -23,7 +23,6 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
 from snca_jax.data import folder
-from snca_jax.data import images
 from snca_jax.data import transforms
 from snca_jax.data.fashion_mnist import DEFAULT_IDX_DIR, FashionMnistIdx
 from snca_jax.errors import DataError
@@ -366,65 +365,10 @@ class ReadBatch:
             'mask': mask}
 
 
-KINDS = ('none', 'crop_flip', 'cifar', 'imagenet', 'imagenet_eval', 'center')
-
-
 @dataclasses.dataclass(frozen=True)
-class Transform:
-  """A batch augmentation by name, (batch, seed) -> batch with uint8 (B, size, size, channels)
-  images; each example transformed with its own generator seeded by (seed, its index).
-
-    'none'           images as they are (all of the model's size)
-    'crop_flip'      random crop from the image zero-padded by 2 (4 from 32 pixels up), flip
-    'cifar'          the original's CIFAR training transform
-    'imagenet'       the original's ImageNet training transform (random resized crop, flip)
-    'imagenet_eval'  the original's ImageNet evaluation transform (resize, centre crop)
-    'center'         images as they are where they have the model's size, else resize and
-                     centre crop to it
-
-  Encoded images (bytes) are decoded here, with PIL. Normalisation happens on the device
-  (`models.normalize_images`).
-  """
-  kind: str
-  image_size: int
-  channels: int = 3
-  reduced_decode: bool = True
-
-  def __post_init__(self):
-    if self.kind not in KINDS:
-      raise ValueError(f'unknown augmentation {self.kind!r}: use one of {", ".join(KINDS)}')
-
-  def __call__(self, batch, seed: int = 0):
-    index, x, c, size = batch['index'], batch['image'], self.channels, self.image_size
-    rngs = [np.random.default_rng((seed, int(i))) for i in index]
-    if self.kind in ('none', 'crop_flip'):
-      x = np.stack([images.decode(im, c) if _encoded(im) else np.asarray(im) for im in x])
-      if self.kind == 'crop_flip':
-        x = transforms.random_crop_flip(x, rngs, pad=4 if size >= 32 else 2)
-    elif self.kind == 'cifar':
-      x = np.stack([images.cifar_train(im, r, size, c) for im, r in zip(x, rngs)])
-    elif self.kind == 'imagenet':
-      x = np.stack([images.imagenet_train(im, r, size, c, self.reduced_decode)
-                    for im, r in zip(x, rngs)])
-    elif self.kind == 'imagenet_eval':
-      x = np.stack([images.imagenet_eval(im, size, c, self.reduced_decode) for im in x])
-    else:
-      x = np.stack([images.center(im, size, c) for im in x])
-    if x.shape[1:] != (size, size, c):
-      raise DataError(f'images of shape {x.shape[1:]} where the model takes '
-                      f'{(size, size, c)}: set --config.data.image_size and channels, or an '
-                      f'augmentation that resizes (center, imagenet_eval)')
-    return dict(batch, image=x)
-
-
-def _encoded(x) -> bool:
-  return isinstance(x, (bytes, bytearray, memoryview))
-
-
-@dataclasses.dataclass(frozen=True)
-class Augment:
+class SeededTransform:
   """A grain map: `transform` with a fixed seed (the epoch's)."""
-  transform: Transform
+  transform: transforms.BatchTransform
   seed: int
 
   def __call__(self, batch):
@@ -458,14 +402,14 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_dataset(source, *, global_batch_size: int, seed: int, epoch: int,
-                  transform: Transform, process_index: int = 0,
+                  transform: transforms.BatchTransform, process_index: int = 0,
                   process_count: int = 1) -> grain.MapDataset:
   """Epoch `epoch` as a MapDataset of this process's batches (the last partial batch dropped)."""
   s = epoch_seed(seed, epoch)
   ds = grain.MapDataset.range(len(source)).shuffle(seed=s)
   ds = ds.batch(global_batch_size, drop_remainder=True)
   ds = ds.map(ProcessShare(process_index, process_count)).map(ReadBatch(source))
-  return ds.map(Augment(transform, s))
+  return ds.map(SeededTransform(transform, s))
 
 
 def train_batches(source, *, start_batch: int = 0, num_threads: int = 1, worker_count: int = 0,
@@ -474,8 +418,8 @@ def train_batches(source, *, start_batch: int = 0, num_threads: int = 1, worker_
   return _iterate(train_dataset(source, **kwargs), start_batch, num_threads, worker_count)
 
 
-def eval_batches(source, *, global_batch_size: int, transform: Transform, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 1,
+def eval_batches(source, *, global_batch_size: int, transform: transforms.BatchTransform,
+                 process_index: int = 0, process_count: int = 1, num_threads: int = 1,
                  worker_count: int = 0) -> Iterator[dict]:
   """All records in order; the last batch padded, padding marked by `mask == False`."""
   n = len(source)
@@ -484,5 +428,5 @@ def eval_batches(source, *, global_batch_size: int, transform: Transform, proces
   positions[:n] = np.arange(n)
   ds = grain.MapDataset.source(positions.reshape(num_batches, global_batch_size))
   ds = ds.map(ProcessShare(process_index, process_count)).map(ReadBatch(source))
-  ds = ds.map(Augment(transform, 0))
+  ds = ds.map(SeededTransform(transform, 0))
   return _iterate(ds, 0, num_threads, worker_count)
