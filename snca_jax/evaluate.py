@@ -18,6 +18,7 @@ from snca_jax import models
 from snca_jax import state as state_lib
 from snca_jax import step
 from snca_jax.data import pipeline
+from snca_jax.data import sources
 from snca_jax.data import transforms
 from snca_jax.errors import CheckpointError, ConfigError
 
@@ -87,7 +88,7 @@ class KnnEvaluator:
 
   def source(self, split, view='train'):
     if (split, view) not in self._sources:
-      self._sources[split, view] = pipeline.open_source(self.config.data, split, view)
+      self._sources[split, view] = sources.open_source(self.config.data, split, view)
     return self._sources[split, view]
 
   def embed(self, variables, split, view='train'):

@@ -37,6 +37,7 @@ from snca_jax import state as state_lib
 from snca_jax import step as step_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
+from snca_jax.data import sources
 from snca_jax.data import transforms
 from snca_jax.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
@@ -163,10 +164,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
   _check_config(config, mesh)
   pid, pcount = jax.process_index(), jax.process_count()
   with stop.interruptible():
-    train_source = pipeline.open_source(config.data, config.data.train_split)
-    pipeline.open_source(config.data, config.data.eval_split)    # present before any step
+    train_source = sources.open_source(config.data, config.data.train_split)
+    sources.open_source(config.data, config.data.eval_split)    # present before any step
   if not config.data.num_classes:          # 0: as many as the dataset declares
-    config.data.num_classes = pipeline.num_classes(train_source) or 0
+    config.data.num_classes = sources.num_classes(train_source) or 0
     if not config.data.num_classes:
       raise ConfigError(f'{config.data.name} does not say how many classes it has: set '
                         f'--config.data.num_classes')
@@ -180,7 +181,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
   model = models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, steps_per_epoch)
   abstract = state_lib.abstract_train_state(
-      model, tx, image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim,
+      model, tx, image_shape=sources.image_shape(config.data), low_dim=config.low_dim,
       num_examples=num_examples, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir),
@@ -191,11 +192,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: S
                               tx=tx, steps_per_epoch=steps_per_epoch)
     log.info('resumed from %s at step %d', checkpoint.checkpoint_dir(workdir), latest)
   else:
-    bank_labels = pipeline.read_labels(train_source)
+    bank_labels = sources.read_labels(train_source)
     check_labels(bank_labels, config.data.num_classes, f'{config.data.name} train split')
     state = state_lib.create_train_state(
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
-        image_shape=pipeline.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
+        image_shape=sources.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
 
   train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                         shardings=shardings, mesh=mesh)
