@@ -57,9 +57,9 @@ def open_source(data_config, split: str, view: str = 'train') -> Source:
     'held_out'  the records of the classes left out of training, with their own labels
   Records are renumbered 0.. within a view, so `index` stays a dense bank row."""
   source = _open(data_config, split)
-  label_map = tuple(data_config.get('label_map') or ())
-  label_key = data_config.get('label_key') or 'label'
-  train_classes = tuple(data_config.get('train_classes') or ())
+  label_map = tuple(data_config.label_map)
+  label_key = data_config.label_key
+  train_classes = tuple(data_config.train_classes)
   if view not in VIEWS:
     raise ValueError(f'view {view!r}: use one of {VIEWS}')
   name = data_config.name
@@ -79,7 +79,7 @@ def open_source(data_config, split: str, view: str = 'train') -> Source:
   if train_classes and view != 'fine':
     labels = read_labels(source)
     missing = sorted(set(train_classes) - set(np.unique(labels).tolist()))
-    if missing and split == data_config.get('train_split', split):
+    if missing and split == data_config.train_split:
       raise DataError(f'data.train_classes={list(train_classes)} names classes {missing} of '
                       f'which the {split} split of {name} has no image (its classes: '
                       f'{_classes_text(labels)}): train on classes it has')
@@ -166,11 +166,11 @@ class View:
 
 
 def _open(data_config, split: str):
-  name, data_dir = data_config.name, data_config.get('data_dir') or None
+  name, data_dir = data_config.name, data_config.data_dir or None
   if name == 'fashion_mnist':
-    idx_dir = data_config.get('idx_dir') or DEFAULT_IDX_DIR
+    idx_dir = data_config.idx_dir or DEFAULT_IDX_DIR
     tfds_dir = data_dir or os.path.join(os.path.expanduser('~'), 'tensorflow_datasets')
-    builder = FashionMnistIdx(idx_dir=idx_dir, download=data_config.get('download', True),
+    builder = FashionMnistIdx(idx_dir=idx_dir, download=data_config.download,
                               data_dir=tfds_dir, file_format='array_record')
     fetch.prepare_once(builder.is_prepared,
                        lambda: fetch.prepare_fashion_mnist(builder, idx_dir))
@@ -182,12 +182,12 @@ def _open(data_config, split: str):
 
 def prepared_dir(data_config) -> str:
   root = os.path.abspath(os.path.expanduser(data_config.root))
-  return os.path.abspath(os.path.expanduser(data_config.get('prepared_dir') or
+  return os.path.abspath(os.path.expanduser(data_config.prepared_dir or
                                             os.path.join(root, 'snca_prepared')))
 
 
 def _open_folder(data_config, split: str) -> folder.FolderSource:
-  if not data_config.get('root'):
+  if not data_config.root:
     raise DataError('data.name=folder needs the image folder: set --config.data.root=DIR '
                     '(DIR/<split>/<class>/<image>)')
   root = os.path.abspath(os.path.expanduser(data_config.root))
@@ -198,8 +198,8 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
                     f'(set --config.data.train_split / eval_split to their names)')
   # Every split is labelled by the training split's class list (its sorted class folders, or
   # those it was prepared with where its folder is gone), so val/dog gets train/dog's label.
-  train_dir = os.path.join(root, data_config.get('train_split') or split)
-  train_out = os.path.join(prepared_dir(data_config), data_config.get('train_split') or split)
+  train_dir = os.path.join(root, data_config.train_split)
+  train_out = os.path.join(prepared_dir(data_config), data_config.train_split)
   if os.path.isdir(train_dir):
     classes = folder.find_classes(train_dir)
   elif folder.is_prepared(train_out):
@@ -222,7 +222,7 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
                       f'({e.strerror}): set --config.data.prepared_dir to a writable folder '
                       f'(shared by all hosts)') from e
     meta = folder.prepare(split_dir, out, classes=classes,
-                          skip_bad_images=data_config.get('skip_bad_images'),
+                          skip_bad_images=data_config.skip_bad_images,
                           show_progress=jax.process_index() == 0)
     if meta['skipped']:
       log.warning('%s: left out %d files that are not decodable images (listed in %s)',
