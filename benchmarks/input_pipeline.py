@@ -10,7 +10,7 @@ Everything runs on one thread of one core, on the same JPEGs of ImageNet size (5
   original     the original's transform, written from torchvision's documented PIL path:
                PIL decode, RandomResizedCrop(224) (get_params with torch's generator, crop,
                bilinear antialiased resize), RandomHorizontalFlip, ToTensor, Normalize
-  ours         snca_jax's `Transform('imagenet', 224)` on batches (decode, the same crop rule,
+  ours         snca_jax's `BatchTransform('imagenet', 224)` on batches (decode, the same crop rule,
                flip, uint8 batch; normalisation happens on the accelerator), with and without
                libjpeg's reduced-size decoding
   eval         both sides' evaluation transform, Resize(256) + CenterCrop(224)
@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from snca_jax.data import folder  # noqa: E402
 from snca_jax.data import images  # noqa: E402
-from snca_jax.data import pipeline  # noqa: E402
+from snca_jax.data import transforms  # noqa: E402
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -158,9 +158,9 @@ def main():
         f'KiB on average; {kind}. Pillow{"-SIMD" if simd else ""} {PIL.__version__}, '
         f'torch {torch.__version__}, one thread.\n')
   original, original_eval = original_train(torch)
-  ours = pipeline.Transform('imagenet', 224, 3, reduced_decode=True)
-  ours_full = pipeline.Transform('imagenet', 224, 3, reduced_decode=False)
-  ours_eval = pipeline.Transform('imagenet_eval', 224, 3, reduced_decode=True)
+  ours = transforms.BatchTransform('imagenet', 224, 3, reduced_decode=True)
+  ours_full = transforms.BatchTransform('imagenet', 224, 3, reduced_decode=False)
+  ours_eval = transforms.BatchTransform('imagenet_eval', 224, 3, reduced_decode=True)
   rows = [
       ('decode alone: PIL (as the original)', rate(
           lambda d: np.asarray(Image.open(io.BytesIO(d)).convert('RGB')), data, args.repeat)),

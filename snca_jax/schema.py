@@ -42,7 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.channels = 1
   c.data.mean = (0.2860,)
   c.data.std = (0.3530,)
-  c.data.train_augment = 'crop_flip'  # see snca_jax.data.pipeline.Transform
+  c.data.train_augment = 'crop_flip'  # see snca_jax.data.transforms
   c.data.eval_augment = 'none'
   c.data.label_map = ()         # fine class -> the class trained on (e.g. COARSE); () = same
   c.data.label_key = 'label'    # the record field trained on (cifar100: 'coarse_label')

@@ -9,7 +9,7 @@ import math
 import numbers
 
 from snca_jax import models
-from snca_jax.data import pipeline
+from snca_jax.data import transforms
 from snca_jax.errors import ConfigError
 
 LR_SCHEDULES = ('cosine', 'step')
@@ -95,8 +95,8 @@ def problems(config) -> list[str]:
            f', each below num_classes = {fine}') if fine else ''))
   need(isinstance(d.label_key, str) and d.label_key.strip(), 'data.label_key',
        "the record field of the training label ('label', or e.g. 'coarse_label')")
-  one_of('data.train_augment', d.train_augment, pipeline.KINDS)
-  one_of('data.eval_augment', d.eval_augment, pipeline.KINDS)
+  one_of('data.train_augment', d.train_augment, transforms.KINDS)
+  one_of('data.eval_augment', d.eval_augment, transforms.KINDS)
   count('data.num_threads', d.num_threads)
   count('data.worker_count', d.worker_count, low=0)
   count('seed', config.seed, low=0)

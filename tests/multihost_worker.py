@@ -58,6 +58,8 @@ from snca_jax import models  # noqa: E402
 from snca_jax import step as step_lib  # noqa: E402
 from snca_jax import train  # noqa: E402
 from snca_jax.data import pipeline  # noqa: E402
+from snca_jax.data import sources  # noqa: E402
+from snca_jax.data import transforms  # noqa: E402
 
 
 def tiny_config():
@@ -95,8 +97,8 @@ def interleaved_eval(out):
       d.process_index for d in interleaved.devices.flat)
   saved = checkpoint.restore_as_saved(mngr, step, plain)
   variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
-  source = pipeline.open_source(config.data, config.data.eval_split)
-  kw = dict(data_config=config.data, transform=evaluate.transform(config, 'none'),
+  source = sources.open_source(config.data, config.data.eval_split)
+  kw = dict(data_config=config.data, transform=transforms.from_config(config.data, 'none'),
             batch_size=16)
   fa, la, ia = dataclasses.astuple(evaluators.embed_dataset(
       variables, models.model_from_config(config), source, mesh=plain, **kw))

@@ -13,7 +13,7 @@ import tqdm
 
 from snca_jax import evaluate
 from snca_jax import train
-from snca_jax.data import pipeline
+from snca_jax.data import sources
 from snca_jax.errors import ConfigError, DataError, TrainingError
 
 from conftest import subprocess_env
@@ -72,12 +72,12 @@ def test_short_label_map_of_a_dataset_that_declares_no_class_count(fake_data_con
                                                                     monkeypatch):
   """Where the dataset does not say how many classes it has, its labels do: a DataError as
   the view is opened, never an IndexError at the first record."""
-  monkeypatch.setattr(pipeline, '_fine_classes', lambda source: None)
+  monkeypatch.setattr(sources, '_fine_classes', lambda source: None)
   data = fake_data_config.data.copy_and_resolve_references()
   data.label_map = (0, 1, 0, 1, 0, 2, 0, 2, 3)
   with pytest.raises(DataError, match='has label 9, beyond the 9 entries of data.label_map'):
-    pipeline.open_source(data, 'train')
-  view = pipeline.View(pipeline.open_source(data, 'train', 'fine'), label_map=(0, 1))
+    sources.open_source(data, 'train')
+  view = sources.View(sources.open_source(data, 'train', 'fine'), label_map=(0, 1))
   with pytest.raises(DataError, match='beyond the 2 entries'):
     view.__getitems__(range(len(view)))
 

@@ -539,7 +539,7 @@ def test_bank_rows_follow_the_dataset_records(source, image_tree, photos_tfds, t
   """Row i of the original's bank is image i in ImageFolder order. Converted against a TFDS
   dataset whose records are in another order, each record's row must be its own image's;
   against the image folder, the orders agree as they are."""
-  from snca_jax.data import folder, pipeline
+  from snca_jax.data import folder, sources
   torch.manual_seed(0)
   files = folder.list_images(os.path.join(image_tree, 'train'))      # the original's order
   bank = _marked_bank(len(files))
@@ -554,7 +554,7 @@ def test_bank_rows_follow_the_dataset_records(source, image_tree, photos_tfds, t
   state = checkpoint.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
   data = config.data.copy_and_resolve_references()
   data.name = source
-  records = pipeline.open_source(data, 'train').__getitems__(range(len(files)))
+  records = sources.open_source(data, 'train').__getitems__(range(len(files)))
   row_of = {rel: i for i, (rel, _) in enumerate(files)}
   name = lambda r: (r['file_name'].decode() if source == 'photos_tfds' else r['file'])
   want = np.stack([bank[row_of[name(r)]] for r in records])

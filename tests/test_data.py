@@ -6,25 +6,26 @@ import numpy as np
 import pytest
 
 from snca_jax import models
-from snca_jax.data import augment
 from snca_jax.data import fashion_mnist
 from snca_jax.data import pipeline
+from snca_jax.data import sources
+from snca_jax.data import transforms
 from snca_jax.errors import DataError
 
 
 def _transform(kind='none', size=28):
-  return pipeline.Transform(kind, size, channels=1)
+  return transforms.BatchTransform(kind, size, channels=1)
 
 
 def test_record_position_is_the_dense_index(fake_data_config, fake_idx_dir):
-  source = pipeline.open_source(fake_data_config.data, 'train')
+  source = sources.open_source(fake_data_config.data, 'train')
   images = fashion_mnist.read_idx(os.path.join(fake_idx_dir, 'train-images-idx3-ubyte.gz'))
   labels = fashion_mnist.read_idx(os.path.join(fake_idx_dir, 'train-labels-idx1-ubyte.gz'))
   assert len(source) == len(labels) == 96
   records = source.__getitems__(list(range(len(source))))
   assert [r['index'] for r in records] == list(range(96))
   assert np.array_equal(np.stack([r['image'][..., 0] for r in records]), images)
-  assert np.array_equal(pipeline.read_labels(source, batch_size=10), labels)
+  assert np.array_equal(sources.read_labels(source, batch_size=10), labels)
 
 
 def test_truncated_idx_file_is_refused(tmp_path):
@@ -40,7 +41,7 @@ def test_missing_dataset_is_a_clear_error(tmp_path, fake_data_config):
   config.data_dir = str(tmp_path / 'tfds')
   config.download = False
   with pytest.raises(DataError, match='dataset-fashion-mnist'):
-    pipeline.open_source(config, 'train')
+    sources.open_source(config, 'train')
 
 
 def _epoch(source, **kw):
@@ -50,21 +51,21 @@ def _epoch(source, **kw):
 
 
 def test_train_batches_cover_the_epoch_and_are_deterministic(fake_data_config):
-  source = pipeline.open_source(fake_data_config.data, 'train')
+  source = sources.open_source(fake_data_config.data, 'train')
   a, b = _epoch(source), _epoch(source)
   assert len(a) == 96 // 16
   seen = np.concatenate([x['index'] for x in a])
   assert sorted(seen) == list(range(96))                        # a permutation
   for x, y in zip(a, b):
     assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])
-  labels = pipeline.read_labels(source)
+  labels = sources.read_labels(source)
   assert all(np.array_equal(x['label'], labels[x['index']]) for x in a)
   c = _epoch(source, epoch=1)
   assert not np.array_equal(seen, np.concatenate([x['index'] for x in c]))
 
 
 def test_resume_mid_epoch_gives_the_same_batches(fake_data_config):
-  source = pipeline.open_source(fake_data_config.data, 'train')
+  source = sources.open_source(fake_data_config.data, 'train')
   full = _epoch(source)
   rest = _epoch(source, start_batch=4)
   assert len(rest) == 2
@@ -73,7 +74,7 @@ def test_resume_mid_epoch_gives_the_same_batches(fake_data_config):
 
 
 def test_processes_split_each_global_batch(fake_data_config):
-  source = pipeline.open_source(fake_data_config.data, 'train')
+  source = sources.open_source(fake_data_config.data, 'train')
   full = _epoch(source)
   parts = [_epoch(source, process_index=i, process_count=2) for i in range(2)]
   for g, p0, p1 in zip(full, *parts):
@@ -82,7 +83,7 @@ def test_processes_split_each_global_batch(fake_data_config):
 
 
 def test_eval_batches_pad_and_mask(fake_data_config):
-  source = pipeline.open_source(fake_data_config.data, 'test')    # 40 records
+  source = sources.open_source(fake_data_config.data, 'test')    # 40 records
   batches = list(pipeline.eval_batches(source, global_batch_size=16, transform=_transform()))
   assert [b['image'].shape[0] for b in batches] == [16, 16, 16]
   mask = np.concatenate([b['mask'] for b in batches])
@@ -94,7 +95,7 @@ def test_crop_flip():
   rng = np.random.default_rng(0)
   x = rng.integers(0, 255, size=(64, 28, 28, 1)).astype(np.uint8)
   rngs = [np.random.default_rng(i) for i in range(64)]
-  y = augment.random_crop_flip(x, rngs, pad=2)
+  y = transforms.random_crop_flip(x, rngs, pad=2)
   assert y.shape == x.shape and y.dtype == np.uint8
   # Every output is a shifted (and maybe flipped) window of the zero-padded input.
   padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
@@ -114,13 +115,13 @@ def test_normalize_on_the_device():
 
 def test_unknown_augmentation():
   with pytest.raises(ValueError, match="unknown augmentation 'imagenett'"):
-    pipeline.Transform('imagenett', 224)
+    transforms.BatchTransform('imagenett', 224)
 
 
 def test_worker_processes_give_the_same_batches(fake_data_config):
   from absl import flags
   flags.FLAGS.mark_as_parsed()            # grain's worker processes read absl flags
-  source = pipeline.open_source(fake_data_config.data, 'train')
+  source = sources.open_source(fake_data_config.data, 'train')
   with_workers = _epoch(source, worker_count=2)
   for x, y in zip(with_workers, _epoch(source)):
     assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])

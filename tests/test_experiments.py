@@ -11,7 +11,7 @@ from snca_jax import evaluate
 from snca_jax import evaluators
 from snca_jax import mesh as mesh_lib
 from snca_jax import train
-from snca_jax.data import pipeline
+from snca_jax.data import sources
 
 from conftest import assert_accuracy_matches, weighted_knn_reference
 from test_train import tiny
@@ -47,18 +47,18 @@ def test_views_of_a_split(fake_data_config):
   data = fake_data_config.data.copy_and_resolve_references()
   data.label_map, data.num_classes = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2), 4
   data.train_classes = (0, 1, 2, 3, 4)
-  fine = pipeline.open_source(data, 'train', 'fine')
-  labels = pipeline.read_labels(fine)
-  trained = pipeline.open_source(data, 'train')
-  held = pipeline.open_source(data, 'train', 'held_out')
+  fine = sources.open_source(data, 'train', 'fine')
+  labels = sources.read_labels(fine)
+  trained = sources.open_source(data, 'train')
+  held = sources.open_source(data, 'train', 'held_out')
   assert len(trained) + len(held) == len(fine) == 96
   records = trained.__getitems__(range(len(trained)))
   assert [r['index'] for r in records] == list(range(len(trained)))        # dense bank rows
   want = np.asarray(data.label_map)[labels[np.isin(labels, data.train_classes)]]
   np.testing.assert_array_equal([r['label'] for r in records], want)
-  np.testing.assert_array_equal(pipeline.read_labels(trained), want)
-  assert set(pipeline.read_labels(held)) == {5, 6, 7, 8, 9}
-  assert pipeline.num_classes(trained) == 4
+  np.testing.assert_array_equal(sources.read_labels(trained), want)
+  assert set(sources.read_labels(held)) == {5, 6, 7, 8, 9}
+  assert sources.num_classes(trained) == 4
 
 
 def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_path):
@@ -73,7 +73,7 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   assert result['database'] == 'recomputed'
   exported = {f: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
   # Sub-categories: the same embeddings, searched with their fine labels.
-  fine = lambda split: pipeline.read_labels(pipeline.open_source(config.data, split, 'fine'))
+  fine = lambda split: sources.read_labels(sources.open_source(config.data, split, 'fine'))
   np.testing.assert_array_equal(exported['query_labels.npy'],
                                 np.asarray(config.data.label_map)[fine('test')])
   assert_accuracy_matches(result, weighted_knn_reference(
@@ -85,7 +85,7 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   page = open(os.path.join(workdir, 'neighbours', 'neighbours.html')).read()
   assert 'wrong' in page or result['neighbours/wrong_fraction'] == 0
   assert 'Trouser' not in page and 'Coat' not in page     # coarse classes have no fine names
-  names = evaluators.class_names(pipeline.open_source(fake_data_config.data, 'train'), 10)
+  names = evaluators.class_names(sources.open_source(fake_data_config.data, 'train'), 10)
   assert names[1] == 'Trouser' and names[9] == 'Ankle boot'
   assert exported['queries.npy'].shape == (40, 16) and exported['database.npy'].shape == (96, 16)
   np.testing.assert_array_equal(exported['query_index.npy'], np.arange(40))
@@ -98,7 +98,7 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
   config.data.train_classes = (0, 1, 2, 3, 4)
   workdir = str(tmp_path / 'w')
   state = train.train_and_evaluate(config, workdir)
-  n_train = int(np.isin(pipeline.read_labels(pipeline.open_source(
+  n_train = int(np.isin(sources.read_labels(sources.open_source(
       fake_data_config.data, 'train')), (0, 1, 2, 3, 4)).sum())
   assert int(np.sum(np.asarray(state.bank_labels) >= 0)) == n_train
   result = evaluate.evaluate_checkpoint(workdir)
@@ -111,7 +111,7 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
   variables = {'params': saved['params'], 'batch_stats': saved['batch_stats']}
   support, s_labels, _ = dataclasses.astuple(embedder.embed(variables, 'train', 'held_out'))
   queries, q_labels, _ = dataclasses.astuple(embedder.embed(variables, 'test', 'held_out'))
-  labels = lambda split: pipeline.read_labels(pipeline.open_source(config.data, split, 'fine'))
+  labels = lambda split: sources.read_labels(sources.open_source(config.data, split, 'fine'))
   np.testing.assert_array_equal(s_labels, labels('train')[labels('train') >= 5])
   np.testing.assert_array_equal(q_labels, labels('test')[labels('test') >= 5])
   assert_accuracy_matches({'top1': result['fewshot/knn_top1']}, weighted_knn_reference(
@@ -128,10 +128,10 @@ def test_cifar100_superclasses_from_the_records(tfds_mock, tmp_path):
   from configs import cifar100_resnet18
   config = cifar100_resnet18.get_config('coarse')
   config.data.data_dir = str(tmp_path)
-  trained = pipeline.open_source(config.data, 'train')
-  fine = pipeline.open_source(config.data, 'train', 'fine')
+  trained = sources.open_source(config.data, 'train')
+  fine = sources.open_source(config.data, 'train', 'fine')
   records = fine.__getitems__(range(len(fine)))
-  np.testing.assert_array_equal(pipeline.read_labels(trained),
+  np.testing.assert_array_equal(sources.read_labels(trained),
                                 [r['coarse_label'] for r in records])
   np.testing.assert_array_equal([r['label'] for r in trained.__getitems__(range(3))],
                                 [r['coarse_label'] for r in records[:3]])

@@ -14,7 +14,7 @@ import pytest
 
 from configs import imagenet_resnet18
 from snca_jax.data import folder
-from snca_jax.data import pipeline
+from snca_jax.data import sources
 from snca_jax.errors import DataError
 
 from conftest import final_state, make_image_tree, run_until, subprocess_env
@@ -54,7 +54,7 @@ def test_a_class_without_images_is_a_clear_error(tmp_path):
 def test_prepare_keeps_the_files_as_they_are(image_tree):
   config = imagenet_resnet18.get_config('folder')
   config.data.root = image_tree
-  source = pipeline.open_source(config.data, 'train')
+  source = sources.open_source(config.data, 'train')
   files = folder.list_images(os.path.join(image_tree, 'train'))
   assert len(source) == len(files) == 40 and source.classes == ['Bird', 'cat', 'dog', 'zebra']
   records = source.__getitems__(range(len(source)))
@@ -62,9 +62,9 @@ def test_prepare_keeps_the_files_as_they_are(image_tree):
     assert (record['index'], record['label'], record['file']) == (i, label, rel)
     with open(os.path.join(image_tree, 'train', rel), 'rb') as f:
       assert record['image'] == f.read()                  # the bytes, not re-encoded
-  np.testing.assert_array_equal(pipeline.read_labels(source), [label for _, label in files])
-  assert pipeline.num_classes(source) == 4
-  again = pipeline.open_source(config.data, 'train')      # prepared once
+  np.testing.assert_array_equal(sources.read_labels(source), [label for _, label in files])
+  assert sources.num_classes(source) == 4
+  again = sources.open_source(config.data, 'train')      # prepared once
   assert again.meta == source.meta
 
 
@@ -80,10 +80,10 @@ def test_an_undecodable_file_stops_the_prepare_and_names_it(tmp_path, bad):
   config.data.root = root
   with pytest.raises(DataError, match=r'cat/cat_001b\.jpg is not a decodable image.*'
                                       r'skip_bad_images'):
-    pipeline.open_source(config.data, 'train')
+    sources.open_source(config.data, 'train')
   assert os.listdir(os.path.join(root, 'snca_prepared')) == []       # nothing half-written
   config.data.skip_bad_images = True
-  source = pipeline.open_source(config.data, 'train')
+  source = sources.open_source(config.data, 'train')
   assert len(source) == 12 and source.meta['skipped'] == ['cat/cat_001b.jpg']
   assert 'cat/cat_001b.jpg' not in [r['file'] for r in source.__getitems__(range(12))]
   assert [r['index'] for r in source.__getitems__(range(12))] == list(range(12))
@@ -92,10 +92,10 @@ def test_an_undecodable_file_stops_the_prepare_and_names_it(tmp_path, bad):
 def test_missing_root_or_split_is_a_clear_error(tmp_path):
   config = imagenet_resnet18.get_config('folder')
   with pytest.raises(DataError, match='--config.data.root'):
-    pipeline.open_source(config.data, 'train')
+    sources.open_source(config.data, 'train')
   config.data.root = str(tmp_path)
   with pytest.raises(DataError, match='no folder .*train'):
-    pipeline.open_source(config.data, 'train')
+    sources.open_source(config.data, 'train')
 
 
 def test_changed_classes_after_prepare(tmp_path):
@@ -103,10 +103,10 @@ def test_changed_classes_after_prepare(tmp_path):
   make_image_tree(root, per_class={'train': 2})
   config = imagenet_resnet18.get_config('folder')
   config.data.root = root
-  pipeline.open_source(config.data, 'train')
+  sources.open_source(config.data, 'train')
   shutil.copytree(os.path.join(root, 'train', 'cat'), os.path.join(root, 'train', 'cow'))
   with pytest.raises(DataError, match='changed since it was prepared'):
-    pipeline.open_source(config.data, 'train')
+    sources.open_source(config.data, 'train')
 
 
 def _config(root):
@@ -116,7 +116,7 @@ def _config(root):
 
 
 def _labels(config, split):
-  return list(pipeline.read_labels(pipeline.open_source(config.data, split)))
+  return list(sources.read_labels(sources.open_source(config.data, split)))
 
 
 def test_every_split_is_labelled_by_the_training_split_classes(tmp_path):
@@ -126,18 +126,18 @@ def test_every_split_is_labelled_by_the_training_split_classes(tmp_path):
   make_image_tree(root, per_class={'train': 2})                        # Bird, cat, dog, zebra
   make_image_tree(root, classes=('cat', 'dog'), per_class={'val': 2})
   config = _config(root)
-  val = pipeline.open_source(config.data, 'val')
-  assert val.classes == ['Bird', 'cat', 'dog', 'zebra'] and pipeline.num_classes(val) == 4
+  val = sources.open_source(config.data, 'val')
+  assert val.classes == ['Bird', 'cat', 'dog', 'zebra'] and sources.num_classes(val) == 4
   assert val.meta['split_classes'] == ['cat', 'dog']
   assert _labels(config, 'val') == [1, 1, 2, 2]
   assert [r['label'] for r in val.__getitems__(range(4))] == [1, 1, 2, 2]
   assert _labels(config, 'train') == [0, 0, 1, 1, 2, 2, 3, 3]
-  again = pipeline.open_source(config.data, 'val')                     # prepared: same labels
+  again = sources.open_source(config.data, 'val')                     # prepared: same labels
   assert again.meta == val.meta and _labels(config, 'val') == [1, 1, 2, 2]
   # The training split's classes change after val was prepared: val's labels are stale.
   make_image_tree(root, classes=('Ant',), per_class={'train': 1})
   with pytest.raises(DataError, match='training split .* changed since val was prepared'):
-    pipeline.open_source(config.data, 'val')
+    sources.open_source(config.data, 'val')
 
 
 def test_a_split_with_classes_the_training_split_lacks_is_a_clear_error(tmp_path):
@@ -146,7 +146,7 @@ def test_a_split_with_classes_the_training_split_lacks_is_a_clear_error(tmp_path
   make_image_tree(root, classes=('cat', 'horse', 'dog'), per_class={'val': 1})
   config = _config(root)
   with pytest.raises(DataError, match=r'^[^\n]*horse[^\n]*training split[^\n]*$') as e:
-    pipeline.open_source(config.data, 'val')
+    sources.open_source(config.data, 'val')
   assert 'class folder(s) horse that the training split' in str(e.value)    # horse alone
   assert not os.path.exists(os.path.join(root, 'snca_prepared', 'val'))
   with pytest.raises(DataError, match='horse'):                       # folder level too
@@ -205,7 +205,7 @@ def test_special_files_are_ignored_and_cycles_end(tmp_path):
                    ('dog/linked/more/extra_000.jpg', 1),
                    ('dog/loop1/more/cat_000.jpg', 1),
                    ('dog/more/dog_000.png', 1)]
-  source = _within(lambda: pipeline.open_source(_config(root).data, 'train'))
+  source = _within(lambda: sources.open_source(_config(root).data, 'train'))
   assert len(source) == 6 and source.meta['skipped'] == []
   assert [r['file'] for r in source.__getitems__(range(6))] == [f for f, _ in files]
 
@@ -228,9 +228,9 @@ def test_a_dangling_symlink_is_a_bad_file(tmp_path):
   config = _config(root)
   with pytest.raises(DataError, match=r'^[^\n]*cat/a\.jpg is not a decodable image[^\n]*'
                                       r'skip_bad_images[^\n]*$'):
-    pipeline.open_source(config.data, 'train')
+    sources.open_source(config.data, 'train')
   config.data.skip_bad_images = True
-  source = pipeline.open_source(config.data, 'train')
+  source = sources.open_source(config.data, 'train')
   assert len(source) == 8 and source.meta['skipped'] == ['cat/a.jpg']
 
 
@@ -239,7 +239,7 @@ def test_stale_temporaries_of_a_killed_prepare_are_removed(tmp_path):
   make_image_tree(root, per_class={'train': 1})
   stale = os.path.join(root, 'snca_prepared', 'train.incomplete-99999')
   _touch(os.path.join(stale, 'records-00000-of-00001.array_record'), b'\0' * 1000)
-  source = pipeline.open_source(_config(root).data, 'train')
+  source = sources.open_source(_config(root).data, 'train')
   assert len(source) == 4
   assert os.listdir(os.path.join(root, 'snca_prepared')) == ['train']     # no lock file left
 
@@ -260,8 +260,8 @@ def test_concurrent_prepares_of_one_split_prepare_it_once(tmp_path, monkeypatch)
 
   def open_train():
     barrier.wait()
-    source = pipeline.open_source(config.data, 'train')
-    return source, list(pipeline.read_labels(source))
+    source = sources.open_source(config.data, 'train')
+    return source, list(sources.read_labels(source))
 
   results, errors = [None, None], []
 

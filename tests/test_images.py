@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from snca_jax.data import images
-from snca_jax.data import pipeline
+from snca_jax.data import transforms
 
 from conftest import FORMATS, class_image, encode_image
 
@@ -139,7 +139,7 @@ def test_transforms_on_a_batch_of_mixed_files(kind, size):
                                                                        (64, 36), (20, 24),
                                                                        (600, 410), (33, 33),
                                                                        (90, 91))))]
-  t = pipeline.Transform(kind, size, 3)
+  t = transforms.BatchTransform(kind, size, 3)
   batch = {'image': files, 'index': np.arange(len(files))}
   out = t(batch, 5)['image']
   assert out.shape == (len(files), size, size, 3) and out.dtype == np.uint8
@@ -151,7 +151,7 @@ def test_transforms_on_a_batch_of_mixed_files(kind, size):
 
 
 def test_images_of_the_wrong_size_are_a_clear_error():
-  t = pipeline.Transform('none', 28, 3)
+  t = transforms.BatchTransform('none', 28, 3)
   batch = {'image': [encode_image(_photo(30, 30), 'PNG', 'RGB')], 'index': np.arange(1)}
   with pytest.raises(Exception, match='image_size'):
     t(batch, 0)

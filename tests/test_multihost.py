@@ -46,7 +46,7 @@ import numpy as np
 import pytest
 
 from snca_jax.data import folder
-from snca_jax.data import pipeline
+from snca_jax.data import sources
 
 from conftest import subprocess_env
 
@@ -103,7 +103,7 @@ def close(a, b, rel, what):
 
 @pytest.fixture(scope='session')
 def runs(fake_data_config, tmp_path_factory):
-  pipeline.open_source(fake_data_config.data, 'train')       # prepare once, before the workers
+  sources.open_source(fake_data_config.data, 'train')       # prepare once, before the workers
   tmp = tmp_path_factory.mktemp('multihost')
   single = launch(1, 4, tmp / 'single', tmp / 'single.npz', fake_data_config.data)
   mutation = ('--mutation', MUTATION) if MUTATION else ()

@@ -158,8 +158,8 @@ def test_missing_dataset(tmp_path, fake_data_config):
 def test_missing_dataset_and_no_network_fails_in_seconds(tmp_path, fake_data_config):
   """With the IDX files missing and the download host out of reach (as on this machine), the
   run says so at once instead of retrying the download for minutes."""
-  from snca_jax.data import fashion_mnist, pipeline
-  if pipeline._reachable(fashion_mnist.URL):
+  from snca_jax.data import fashion_mnist, fetch
+  if fetch.reachable(fashion_mnist.URL):
     pytest.skip('the download host is reachable from here')
   t0 = time.time()
   r = run(train_cmd(tmp_path / 'w', fake_data_config.data,

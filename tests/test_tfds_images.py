@@ -11,7 +11,7 @@ from PIL import Image
 
 from snca_jax import evaluate
 from snca_jax import train
-from snca_jax.data import pipeline
+from snca_jax.data import sources
 
 from conftest import assert_accuracy_matches, weighted_knn_reference
 
@@ -32,7 +32,7 @@ def _config(name, data_dir, image_size=32, eval_augment='imagenet_eval'):
 
 def test_records_are_the_encoded_files_and_labels_need_no_decode(photos_tfds, image_tree,
                                                                  monkeypatch):
-  source = pipeline.open_source(_config('photos_tfds', photos_tfds).data, 'train')
+  source = sources.open_source(_config('photos_tfds', photos_tfds).data, 'train')
   assert len(source) == 40 and source.num_classes == 4
   records = source.__getitems__(range(40))
   for r in records:
@@ -40,7 +40,7 @@ def test_records_are_the_encoded_files_and_labels_need_no_decode(photos_tfds, im
       assert r['image'] == f.read()
   decoded = []
   monkeypatch.setattr(Image.Image, 'load', lambda self: decoded.append(1))
-  labels = pipeline.read_labels(source)
+  labels = sources.read_labels(source)
   assert not decoded
   np.testing.assert_array_equal(labels, [r['label'] for r in records])
   assert sorted(r['file_name'].decode()[:3] for r in records) != [r['file_name'].decode()[:3]
@@ -60,15 +60,15 @@ def test_train_and_evaluate_on_a_tfds_image_dataset(photos_tfds, tmp_path):
 def test_tfds_mock_end_to_end(tfds_mock, name, image_size, eval_augment, tmp_path):
   config = _config(name, str(tmp_path / 'tfds'), image_size, eval_augment)
   config.data.train_augment = 'cifar' if name == 'cifar10' else 'imagenet'
-  source = pipeline.open_source(config.data, 'train')
+  source = sources.open_source(config.data, 'train')
   assert isinstance(source[0]['image'], bytes)            # decoded by the transform, not TFDS
   state = train.train_and_evaluate(config, str(tmp_path / 'w'))
   assert int(state.step) == 3 and config.data.num_classes == (10 if name == 'cifar10' else 1000)
   result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'), export_dir=str(tmp_path / 'x'))
   assert result['num_queries'] == 24
   x = {f[:-4]: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
-  np.testing.assert_array_equal(x['query_labels'], pipeline.read_labels(
-      pipeline.open_source(config.data, config.data.eval_split)))
+  np.testing.assert_array_equal(x['query_labels'], sources.read_labels(
+      sources.open_source(config.data, config.data.eval_split)))
   np.testing.assert_array_equal(x['database'], np.asarray(state.bank)[:24])
   assert_accuracy_matches(result, weighted_knn_reference(
       x['queries'], x['query_labels'], x['database'], x['database_labels'], k=30,

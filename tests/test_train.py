@@ -18,6 +18,8 @@ from snca_jax import state as state_lib
 from snca_jax import step as step_lib
 from snca_jax import train
 from snca_jax.data import pipeline
+from snca_jax.data import sources
+from snca_jax.data import transforms
 
 from conftest import assert_accuracy_matches, subprocess_env, weighted_knn_reference
 
@@ -39,11 +41,11 @@ def tiny(config, **overrides):
 def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_config):
   config = tiny(fake_data_config)
   mesh = mesh_lib.make_mesh()
-  source = pipeline.open_source(config.data, 'train')
+  source = sources.open_source(config.data, 'train')
   model = models.model_from_config(config)
   tx = optim.make_optimizer(config, steps_per_epoch=6)
   state = state_lib.create_train_state(
-      model, tx, key=jax.random.key(0), bank_labels=pipeline.read_labels(source),
+      model, tx, key=jax.random.key(0), bank_labels=sources.read_labels(source),
       image_shape=(28, 28, 1), low_dim=16, mesh=mesh)
   assert state.bank.sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(state.bank.sharding.device_set) == 8
@@ -51,7 +53,7 @@ def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_c
   step = step_lib.make_train_step(model, tx, config, steps_per_epoch=6, shardings=shardings,
                                   mesh=mesh)
   batch = next(pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
-                                      transform=evaluate.transform(config, 'crop_flip')))
+                                      transform=transforms.from_config(config.data, 'crop_flip')))
   old_params = jax.tree.map(np.asarray, state.params)
   old_bank = np.asarray(state.bank)
   new, metrics = step(state, step_lib.device_batch(batch, mesh))

@@ -106,11 +106,11 @@ def dataset_labels(config, name: str):
   """(labels in record order, original row of each record) of the training split of dataset
   `name` (any `data.name`: a TFDS dataset, 'folder' with data.root, 'fashion_mnist')."""
   from snca_jax.data import folder
-  from snca_jax.data import pipeline
+  from snca_jax.data import sources
   data = config.data.copy_and_resolve_references()
   data.name = name
-  source = pipeline.open_source(data, data.train_split)
-  labels = pipeline.read_labels(source)
+  source = sources.open_source(data, data.train_split)
+  labels = sources.read_labels(source)
   if isinstance(source, folder.FolderSource):       # ImageFolder order by construction
     return labels, np.arange(len(labels))
   records = []

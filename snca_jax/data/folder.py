@@ -33,7 +33,6 @@ image (or cannot be read) stops the prepare with its name, or with `skip_bad_ima
 out and listed.
 """
 
-import collections
 import concurrent.futures
 import contextlib
 import fcntl
@@ -53,6 +52,7 @@ from PIL import Image
 
 from snca_jax.data import images
 from snca_jax.errors import DataError
+from snca_jax.lookahead import look_ahead
 
 _SHARD_BYTES = 1 << 30
 _META = 'meta.json'
@@ -308,13 +308,7 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
 
 def _ordered_map(pool, fn, items, window: int = 1024):
   """pool.map with at most `window` results in flight (a split can be far larger than memory)."""
-  pending = collections.deque()
-  for item in items:
-    pending.append(pool.submit(fn, item))
-    if len(pending) >= window:
-      yield pending.popleft().result()
-  while pending:
-    yield pending.popleft().result()
+  return (f.result() for f in look_ahead((pool.submit(fn, item) for item in items), window))
 
 
 def _read_or_error(path):
