@@ -1,4 +1,5 @@
-"""What train.py and eval_knn.py share: multi-host flags and one-line errors."""
+"""What the commands (train.py, eval_knn.py, convert.py, experiments.py) share: multi-host flags
+and one-line errors."""
 
 import logging
 import sys

@@ -9,7 +9,6 @@ from the latest checkpoint at the exact batch where it stopped. A stop (SIGTERM)
 last step saves before that epoch's evaluation, which the rerun then does first, once.
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -17,7 +16,6 @@ import os
 import signal
 import sys
 import tempfile
-import threading
 import time
 
 import jax
@@ -35,12 +33,13 @@ from snca_jax import optim
 from snca_jax import schema
 from snca_jax import state as state_lib
 from snca_jax import step as step_lib
+from snca_jax import stop as stop_lib
 from snca_jax import validate
 from snca_jax.data import pipeline
 from snca_jax.data import sources
 from snca_jax.data import transforms
+from snca_jax.errors import CheckpointError, ConfigError, DataError, TrainingError
 from snca_jax.lookahead import look_ahead
-from snca_jax.errors import CheckpointError, ConfigError, DataError, Interrupted, TrainingError
 
 log = logging.getLogger('snca_jax')
 
@@ -66,69 +65,6 @@ def _check_config(config, mesh):
                      f'choose a multiple of {n}')
 
 
-class StopRequest:
-  """SIGTERM / SIGINT: the loop finishes its step, writes a checkpoint and returns.
-
-  Every process must stop at the same step; with several processes they agree on it every
-  `check_every` steps through one small all-gather.
-  """
-
-  def __init__(self, check_every: int):
-    self.signum = None
-    self.check_every = check_every
-    self._previous = {}
-    self._interruptible = False
-    if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        self._previous[sig] = signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-    if self._interruptible:
-      raise Interrupted(f'stopped by {signal.Signals(signum).name} while the data was being '
-                        f'prepared; nothing was written (a prepared split is written whole or '
-                        f'not at all): run the same command to start again')
-
-  @contextlib.contextmanager
-  def interruptible(self):
-    """Within it a signal stops at once: pure Python work that leaves nothing half-written
-    (reading and preparing the data), which may take many minutes."""
-    self._interruptible = True
-    try:
-      if self.signum is not None:
-        self._handle(self.signum, None)
-      yield
-    finally:
-      self._interruptible = False
-
-  def requested(self, step: int) -> bool:
-    if jax.process_count() > 1 and step % self.check_every:
-      return False
-    return self.requested_now()
-
-  def requested_now(self) -> bool:
-    """Whether any process got a signal; with several processes, every one must ask at the
-    same point."""
-    if jax.process_count() > 1:
-      flags = multihost_utils.process_allgather(np.int32(self.signum or 0))
-      self.signum = self.signum or int(np.max(flags)) or None
-    return self.signum is not None
-
-  def stopped_before_first_step(self, again: str) -> bool:
-    """Whether a signal came before the first step (every process agrees); if so, says so."""
-    if not self.requested_now():
-      return False
-    if jax.process_index() == 0:
-      print(f'train.py: stopped by {signal.Signals(self.signum).name} before the first step; '
-            f'no checkpoint was written; run the same command to {again}', flush=True)
-    return True
-
-  def close(self):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-
-
 def _check_workdir(workdir: str):
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -146,14 +82,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   prepared raises `Interrupted` at once (nothing half-written is left); one while the state or
   the step is being compiled stops the run cleanly, before its first step or after it, instead
   of a KeyboardInterrupt unwinding through XLA (a segmentation fault)."""
-  stop = StopRequest(check_every=config.stop_check_steps)
+  stop = stop_lib.StopRequest(check_every=config.stop_check_steps)
   try:
     return _train_and_evaluate(config, workdir, stop)
   finally:
     stop.close()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: StopRequest):
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: stop_lib.StopRequest):
   validate.check_config(config)
   _check_workdir(workdir)
   mesh = mesh_lib.make_mesh()

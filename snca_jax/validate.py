@@ -60,7 +60,7 @@ def problems(config) -> list[str]:
   need(isinstance(d.name, str) and d.name.strip(), 'data.name',
        "'fashion_mnist', 'folder' or a TFDS dataset name")
   if d.name == 'folder':
-    need(bool(d.get('root')), 'data.root', 'the image folder (DIR/<split>/<class>/<image>)')
+    need(bool(d.root), 'data.root', 'the image folder (DIR/<split>/<class>/<image>)')
   for split in ('train_split', 'eval_split'):
     need(isinstance(d[split], str) and d[split].strip(), f'data.{split}', 'a split name')
   count('data.num_classes', d.num_classes, low=0)

@@ -85,7 +85,6 @@ def interleaved_eval(out):
   alternates between processes (as a TPU slice's can): features, labels, positions and masks
   must come back in one order on both."""
   from snca_jax import checkpoint, evaluators, mesh as mesh_lib, models
-  from snca_jax.data import pipeline
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(args.workdir), read_only=True)
   step = mngr.latest_step()
   config, _ = checkpoint.read_config(mngr, step)

@@ -5,7 +5,6 @@ background reports of a failure kept off stderr."""
 import errno
 import json
 import os
-import shutil
 import sys
 import time
 

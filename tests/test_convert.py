@@ -539,9 +539,9 @@ def test_bank_rows_follow_the_dataset_records(source, image_tree, photos_tfds, t
   """Row i of the original's bank is image i in ImageFolder order. Converted against a TFDS
   dataset whose records are in another order, each record's row must be its own image's;
   against the image folder, the orders agree as they are."""
-  from snca_jax.data import folder, sources
+  from snca_jax.data import listing, sources
   torch.manual_seed(0)
-  files = folder.list_images(os.path.join(image_tree, 'train'))      # the original's order
+  files = listing.list_images(os.path.join(image_tree, 'train'))      # the original's order
   bank = _marked_bank(len(files))
   src = str(tmp_path / 'snca.pth.tar')
   save_original(src, TorchResNet((2, 2, 2, 2), False, True), n_bank=len(bank), epoch=1,
@@ -596,8 +596,8 @@ def test_converted_checkpoint_continues_under_the_resnet50_recipe(image_tree, tm
                   labels_dataset='folder')
   state = train.train_and_evaluate(config, workdir)
   # resumed at the file's epoch, counted in this recipe's steps: one epoch more is trained
-  from snca_jax.data import folder
-  steps_per_epoch = len(folder.list_images(os.path.join(image_tree, 'train'))) // (
+  from snca_jax.data import listing
+  steps_per_epoch = len(listing.list_images(os.path.join(image_tree, 'train'))) // (
       config.batch_size)
   end = config.num_epochs * steps_per_epoch
   assert _epoch_records(workdir) == [(e * steps_per_epoch, e) for e in

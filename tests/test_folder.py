@@ -14,6 +14,7 @@ import pytest
 
 from configs import imagenet_resnet18
 from snca_jax.data import folder
+from snca_jax.data import listing
 from snca_jax.data import sources
 from snca_jax.errors import DataError
 
@@ -37,8 +38,8 @@ def test_order_is_torchvision_imagefolder_order(tmp_path):
               'a/0.jpeg', 'b_extra/q.ppm', 'b/zz/p.pgm']:
     _touch(str(tmp_path / rel))
   _touch(str(tmp_path / 'README.md'))                       # a file beside the classes
-  assert folder.find_classes(str(tmp_path)) == ['A', 'a', 'b', 'b_extra']
-  assert folder.list_images(str(tmp_path)) == [
+  assert listing.find_classes(str(tmp_path)) == ['A', 'a', 'b', 'b_extra']
+  assert listing.list_images(str(tmp_path)) == [
       ('A/x.tif', 0), ('A/x.webp', 0), ('a/0.jpeg', 1),
       ('b/IMG3.JPG', 2), ('b/c.bmp', 2), ('b/img10.jpg', 2), ('b/img2.jpg', 2),
       ('b/a/y.PNG', 2), ('b/a/z.png', 2), ('b/zz/p.pgm', 2), ('b_extra/q.ppm', 3)]
@@ -48,14 +49,14 @@ def test_a_class_without_images_is_a_clear_error(tmp_path):
   _touch(str(tmp_path / 'cat' / 'a.jpg'))
   _touch(str(tmp_path / 'dog' / 'README'))
   with pytest.raises(DataError, match='dog.*hold no image'):
-    folder.list_images(str(tmp_path))
+    listing.list_images(str(tmp_path))
 
 
 def test_prepare_keeps_the_files_as_they_are(image_tree):
   config = imagenet_resnet18.get_config('folder')
   config.data.root = image_tree
   source = sources.open_source(config.data, 'train')
-  files = folder.list_images(os.path.join(image_tree, 'train'))
+  files = listing.list_images(os.path.join(image_tree, 'train'))
   assert len(source) == len(files) == 40 and source.classes == ['Bird', 'cat', 'dog', 'zebra']
   records = source.__getitems__(range(len(source)))
   for i, (record, (rel, label)) in enumerate(zip(records, files)):
@@ -150,7 +151,7 @@ def test_a_split_with_classes_the_training_split_lacks_is_a_clear_error(tmp_path
   assert 'class folder(s) horse that the training split' in str(e.value)    # horse alone
   assert not os.path.exists(os.path.join(root, 'snca_prepared', 'val'))
   with pytest.raises(DataError, match='horse'):                       # folder level too
-    folder.list_images(os.path.join(root, 'val'), ['cat', 'dog'])
+    listing.list_images(os.path.join(root, 'val'), ['cat', 'dog'])
 
 
 def _within(fn, seconds=20.0, on_timeout=None):
@@ -196,7 +197,7 @@ def _special_tree(tmp_path):
 def test_special_files_are_ignored_and_cycles_end(tmp_path):
   """Regular files only (after following links), each directory walked once."""
   root = _special_tree(tmp_path)
-  files = _within(lambda: folder.list_images(os.path.join(root, 'train')))
+  files = _within(lambda: listing.list_images(os.path.join(root, 'train')))
   # Each class walks dog's folder once (through loop1, not again through loop2), and the
   # linked folder that is no cycle; not x.png nor z.jpg.
   assert files == [('cat/loop1/linked/more/extra_000.jpg', 0),

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # earlier layer, none of its own layer (but its package's) or of a later one.
 LAYERS = (
     ('errors', 'schema', 'mesh', 'distributed', 'metrics', 'lookahead'),
-    ('cli', 'models', 'optim'),
+    ('cli', 'models', 'optim', 'stop'),
     ('data',),
     ('validate', 'bank'),
     ('nca', 'knn', 'state'),

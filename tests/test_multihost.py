@@ -45,7 +45,7 @@ import sys
 import numpy as np
 import pytest
 
-from snca_jax.data import folder
+from snca_jax.data import listing
 from snca_jax.data import sources
 
 from conftest import subprocess_env
@@ -195,6 +195,6 @@ def test_process_zero_prepares_an_image_folder_while_the_other_waits(fake_data_c
                '--epochs', '1', '--folder_root', str(root))
   assert int(out['step']) == 2                       # 16 images, batch 8
   assert sorted(os.listdir(root / 'snca_prepared')) == ['train', 'val']
-  files = folder.list_images(str(root / 'train'))
+  files = listing.list_images(str(root / 'train'))
   np.testing.assert_array_equal(out['bank_labels'][:16], [label for _, label in files])
   assert sorted(out['batch/index'].ravel()) == list(range(16))   # each image once, both shares

@@ -1,4 +1,5 @@
-"""nca_loss / update_bank against an independent float64 NumPy evaluation of docs/METHOD.md."""
+"""The NCA loss, dense and streaming, against an independent float64 NumPy evaluation of
+docs/METHOD.md."""
 
 import jax
 import jax.numpy as jnp

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from snca_jax import checkpoint
+from snca_jax import stop as stop_lib
 from snca_jax import train
 from snca_jax.errors import CheckpointError, DataError, TrainingError
 
@@ -370,7 +371,7 @@ def test_stop_at_an_epochs_last_step_evaluates_it_on_resume(fake_data_config, tm
       self.signum = signal.SIGTERM
     return self.signum is not None
 
-  monkeypatch.setattr(train.StopRequest, 'requested', requested)
+  monkeypatch.setattr(stop_lib.StopRequest, 'requested', requested)
   train.train_and_evaluate(config, workdir)
   monkeypatch.undo()
   assert 'stopped by SIGTERM at step 12' in capsys.readouterr().out

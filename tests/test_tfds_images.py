@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from snca_jax import checkpoint
 from snca_jax import evaluate
 from snca_jax import train
 from snca_jax.data import sources
@@ -63,7 +64,11 @@ def test_tfds_mock_end_to_end(tfds_mock, name, image_size, eval_augment, tmp_pat
   source = sources.open_source(config.data, 'train')
   assert isinstance(source[0]['image'], bytes)            # decoded by the transform, not TFDS
   state = train.train_and_evaluate(config, str(tmp_path / 'w'))
-  assert int(state.step) == 3 and config.data.num_classes == (10 if name == 'cifar10' else 1000)
+  # num_classes 0: the dataset's own count, in the run's config (the caller's is left alone).
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(str(tmp_path / 'w')), read_only=True)
+  saved, _ = checkpoint.read_config(mngr, mngr.latest_step())
+  assert int(state.step) == 3 and saved.data.num_classes == (10 if name == 'cifar10' else 1000)
+  assert config.data.num_classes == 0
   result = evaluate.evaluate_checkpoint(str(tmp_path / 'w'), export_dir=str(tmp_path / 'x'))
   assert result['num_queries'] == 24
   x = {f[:-4]: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}

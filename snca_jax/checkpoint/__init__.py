@@ -8,3 +8,10 @@ from snca_jax.checkpoint.manager import (BestCheckpoint, Manager, checkpoint_dir
 from snca_jax.checkpoint.restore import (check_resumable, read_config, reading,
                                          restore_as_saved, restore_config, restore_state,
                                          restore_train_state)
+
+__all__ = (
+    'BestCheckpoint', 'CHECKSUMS', 'ChecksumError', 'Manager', 'check_resumable',
+    'checkpoint_dir', 'locate', 'manager', 'read_config', 'reading', 'restore_as_saved',
+    'restore_config', 'restore_state', 'restore_train_state', 'save', 'verify',
+    'write_checksums',
+)

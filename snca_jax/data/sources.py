@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 
 from snca_jax.data import fetch
 from snca_jax.data import folder
+from snca_jax.data import listing
 from snca_jax.data.fashion_mnist import DEFAULT_IDX_DIR, FashionMnistIdx
 from snca_jax.errors import DataError
 
@@ -201,7 +202,7 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
   train_dir = os.path.join(root, data_config.train_split)
   train_out = os.path.join(prepared_dir(data_config), data_config.train_split)
   if os.path.isdir(train_dir):
-    classes = folder.find_classes(train_dir)
+    classes = listing.find_classes(train_dir)
   elif folder.is_prepared(train_out):
     classes = folder.read_meta(train_out)['classes']
   elif folder.is_prepared(out):
@@ -210,9 +211,9 @@ def _open_folder(data_config, split: str) -> folder.FolderSource:
     raise DataError(f'no folder {train_dir} (the training split) to take the class list from: '
                     f'the labels of {split_dir} are indices into it; set '
                     f'--config.data.train_split to its name')
-  split_classes = folder.find_classes(split_dir) if os.path.isdir(split_dir) else None
+  split_classes = listing.find_classes(split_dir) if os.path.isdir(split_dir) else None
   if split_classes is not None and classes is not None:
-    folder.check_classes(split_dir, split_classes, classes, train_dir)
+    listing.check_classes(split_dir, split_classes, classes, train_dir)
 
   def prepare():
     try:

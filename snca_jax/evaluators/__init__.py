@@ -16,6 +16,12 @@ from snca_jax.evaluators.knn import Database, KnnEvaluator, KnnSettings
 from snca_jax.evaluators.neighbours import NeighboursEvaluator, class_names
 from snca_jax.evaluators.subcategory import SubcategoryEvaluator
 
+__all__ = (
+    'Database', 'Embedded', 'Embedder', 'Embeddings', 'FewShotEvaluator', 'KnnEvaluator',
+    'KnnSettings', 'NeighboursEvaluator', 'SubcategoryEvaluator', 'class_names',
+    'embed_dataset', 'few_shot_episodes', 'paper_evaluators',
+)
+
 
 def paper_evaluators(config, settings: KnnSettings) -> list:
   """The evaluations that the run's config calls for beyond kNN: sub-categories for a run

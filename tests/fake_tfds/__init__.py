@@ -6,7 +6,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from snca_jax.data import folder
+from snca_jax.data import listing
 
 
 class PhotosTfds(tfds.core.GeneratorBasedBuilder):
@@ -30,7 +30,7 @@ class PhotosTfds(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split):
     split_dir = os.path.join(self.ROOT, split)
-    files = folder.list_images(split_dir)
+    files = listing.list_images(split_dir)
     for i in np.random.default_rng(0).permutation(len(files)):
       rel, label = files[i]
       with open(os.path.join(split_dir, rel), 'rb') as f:
