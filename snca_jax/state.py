@@ -1,4 +1,4 @@
-"""The train state: one pytree, and every step of its life, from creation to restore.
+"""The train state: one pytree, where each of its arrays lives, and how a fresh one is made.
 
     step         ()      batches seen (the data position and every schedule derive from it)
     params              replicated
