@@ -9,6 +9,7 @@ from the latest checkpoint at the exact batch where it stopped. A stop (SIGTERM)
 last step saves before that epoch's evaluation, which the rerun then does first, once.
 """
 
+import itertools
 import json
 import logging
 import math
@@ -178,19 +179,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: s
         best.close()               # best/ written before the evaluation counts as done
       if pid == 0:
         _record_evaluation(workdir, step, monitor_name, acc)
+    # One iterator for the rest of the run: its readers start once, and read ahead into the
+    # next epoch while this one is evaluated.
+    batches = pipeline.run_batches(
+        train_source, num_epochs=config.num_epochs, start_step=step,
+        global_batch_size=config.batch_size, seed=config.seed, transform=train_transform,
+        process_index=pid, process_count=pcount, num_threads=config.data.num_threads,
+        worker_count=config.data.worker_count) if step < total_steps else iter(())
     while step < total_steps:
       epoch, start = divmod(step, steps_per_epoch)
-      batches = pipeline.train_batches(
-          train_source, start_batch=start, global_batch_size=config.batch_size,
-          seed=config.seed, epoch=epoch, transform=train_transform, process_index=pid,
-          process_count=pcount, num_threads=config.data.num_threads,
-          worker_count=config.data.worker_count)
+      epoch_batches = itertools.islice(batches, steps_per_epoch - start)
       bar = tqdm.tqdm(total=steps_per_epoch, initial=start, disable=pid != 0,
                       desc=f'epoch {epoch + 1}/{config.num_epochs}', unit='batch',
                       dynamic_ncols=True)
       try:      # closed on every path: no stale bar after an error's line
         pending, t0, n0 = None, time.time(), step
-        for batch in prefetch_to_device(batches, mesh):
+        for batch in prefetch_to_device(epoch_batches, mesh):
           state, metrics = train_step(state, batch)
           if pending is not None:   # read the previous step's metrics: the device is busy
             _report(pending, bar, writer, config, steps_per_epoch, t0, n0)

@@ -126,3 +126,21 @@ def test_worker_processes_give_the_same_batches(fake_data_config):
   for x, y in zip(with_workers, _epoch(source)):
     assert np.array_equal(x['index'], y['index']) and np.array_equal(x['image'], y['image'])
   assert len(with_workers) == 6
+
+
+@pytest.mark.parametrize('num_threads,worker_count', [(1, 0), (3, 0), (2, 2)])
+def test_a_run_reads_its_epochs_through_one_iterator(fake_data_config, num_threads,
+                                                     worker_count):
+  """run_batches from any step: the batches of train_batches, epoch after epoch, bit for bit,
+  whatever the threads and worker processes."""
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()            # grain's worker processes read absl flags
+  source = sources.open_source(fake_data_config.data, 'train')
+  want = [b for e in range(3) for b in _epoch(source, epoch=e)]
+  got = list(pipeline.run_batches(source, num_epochs=3, start_step=4, global_batch_size=16,
+                                  seed=3, transform=_transform('crop_flip'),
+                                  num_threads=num_threads, worker_count=worker_count))
+  assert len(want) == 18 and len(got) == 14
+  for x, y in zip(want[4:], got):
+    assert set(x) == set(y)
+    assert all(np.array_equal(x[k], y[k]) for k in x)

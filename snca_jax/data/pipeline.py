@@ -8,6 +8,10 @@ example, seeded by (epoch seed, example index). Batch `k` of epoch `e` is theref
 function of (seed, e, k), and each process's share of it does not depend on the number of
 processes: resuming at any batch gives exactly the batches an uninterrupted run would have
 seen.
+
+A run reads all its epochs through one iterator (`run_batches`: the epochs' datasets
+concatenated), so that grain's worker processes and prefetch threads are started once and
+keep reading the next epoch's first batches while the last one is evaluated.
 """
 
 import dataclasses
@@ -85,6 +89,15 @@ def train_batches(source, *, start_batch: int = 0, num_threads: int = 1, worker_
                   **kwargs) -> Iterator[dict]:
   """Iterates `train_dataset(source, **kwargs)` from batch `start_batch`, prefetching."""
   return _iterate(train_dataset(source, **kwargs), start_batch, num_threads, worker_count)
+
+
+def run_batches(source, *, num_epochs: int, start_step: int = 0, num_threads: int = 1,
+                worker_count: int = 0, **kwargs) -> Iterator[dict]:
+  """Every batch of epochs 0 .. num_epochs - 1 from the run's step `start_step` on, epoch after
+  epoch (`train_dataset(source, epoch=e, **kwargs)` each, the same batches), through one
+  iterator: its worker processes and threads live as long as the run."""
+  epochs = [train_dataset(source, epoch=e, **kwargs) for e in range(num_epochs)]
+  return _iterate(grain.MapDataset.concatenate(epochs), start_step, num_threads, worker_count)
 
 
 def eval_batches(source, *, global_batch_size: int, transform: transforms.BatchTransform,

@@ -19,6 +19,7 @@ from snca_jax import models
 from snca_jax.data import pipeline
 from snca_jax.data import sources as sources_lib
 from snca_jax.data import transforms
+from snca_jax.lookahead import look_ahead
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,15 +48,24 @@ def embed_dataset(variables, model, source, *, data_config, transform, mesh,
   rows = mesh_lib.row_sharding(mesh)
   batch_size = mesh_lib.padded_rows(batch_size, mesh)      # a multiple of the device count
   out = {'features': [], 'label': [], 'index': [], 'mask': []}
-  for batch in pipeline.eval_batches(source, global_batch_size=batch_size, transform=transform,
-                                     process_index=jax.process_index(),
-                                     process_count=jax.process_count(),
-                                     num_threads=data_config.num_threads,
-                                     worker_count=data_config.worker_count):
-    # Every field becomes a global array the same way, so that features, labels, positions and
-    # masks come back in one order, the mesh's, whatever order its devices take the processes.
-    glob = distributed.put_process_local(batch, rows, ('image', 'label', 'index', 'mask'))
-    out['features'].append(distributed.to_host(fn(variables, glob.pop('image'))))
+
+  def embedded():
+    """Each batch placed and its embedding dispatched (not waited for)."""
+    for batch in pipeline.eval_batches(source, global_batch_size=batch_size, transform=transform,
+                                       process_index=jax.process_index(),
+                                       process_count=jax.process_count(),
+                                       num_threads=data_config.num_threads,
+                                       worker_count=data_config.worker_count):
+      # Every field becomes a global array the same way, so that features, labels, positions
+      # and masks come back in one order, the mesh's, whatever order its devices take the
+      # processes.
+      glob = distributed.put_process_local(batch, rows, ('image', 'label', 'index', 'mask'))
+      yield fn(variables, glob.pop('image')), glob
+
+  # The next batch is read (by the pipeline's threads) and embedded while this one's
+  # features are copied to the host.
+  for features, glob in look_ahead(embedded(), 2):
+    out['features'].append(distributed.to_host(features))
     for key, value in glob.items():
       out[key].append(distributed.to_host(value))
   out = {k: np.concatenate(v) for k, v in out.items()}
