@@ -1,6 +1,7 @@
 """Input pipeline throughput per core: the ImageNet training transform from JPEG bytes.
 
     python benchmarks/input_pipeline.py [--n 256] [--batch 32]
+    python benchmarks/input_pipeline.py --end_to_end [--n 12800]
 
 Everything runs on one thread of one core, on the same JPEGs of ImageNet size (500x375, quality
 90), in one run:
@@ -15,6 +16,12 @@ Everything runs on one thread of one core, on the same JPEGs of ImageNet size (5
                libjpeg's reduced-size decoding
   eval         both sides' evaluation transform, Resize(256) + CenterCrop(224)
 Then the cores needed to feed 3,000 images/s, and the rate of preparing an image folder.
+
+`--end_to_end` measures what training gets instead, on a folder of --n such JPEGs (256 photos
+repeated): preparing it with one thread and with the default threads, against the cores times
+the one-thread rate; then a whole epoch read as train.py reads it (`pipeline.run_batches`, the
+ImageNet training transform, batches of 128) with each recipe's reader settings and with grain
+worker processes, against the cores times the rate of the same transform on one core.
 
 The images are real photos where scikit-learn is installed (its two sample images, China and
 a flower, cut into 500x375 views and re-encoded), else synthetic pictures with noise.
@@ -136,6 +143,63 @@ def rate(fn, items, repeat):
   return best
 
 
+def end_to_end(n, batch, smoke):
+  """Prepare rates and whole epochs through the pipeline, against cores x one core."""
+  from configs import folder as folder_recipe
+  from configs import imagenet_resnet50
+  from snca_jax import distributed
+  from snca_jax.data import pipeline
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()            # grain's worker processes read absl flags
+  cores = distributed.local_cores()
+  unique, kind = photos(min(n, 256))
+  data = [unique[i % len(unique)] for i in range(n)]
+  print(f'{n} JPEGs of 500x375 ({len(unique)} {kind}, repeated), {cores} cores, '
+        f'Pillow{"-SIMD" if "post" in PIL.__version__ else ""} {PIL.__version__}\n')
+  tmp = tempfile.mkdtemp()
+  try:
+    split = os.path.join(tmp, 'train')
+    for i, d in enumerate(data):
+      os.makedirs(os.path.join(split, f'n{i % 8:08d}'), exist_ok=True)
+      with open(os.path.join(split, f'n{i % 8:08d}', f'img_{i:05d}.JPEG'), 'wb') as f:
+        f.write(d)
+    rates = {}
+    for threads in (1, None):
+      t0 = time.perf_counter()
+      folder.prepare(split, os.path.join(tmp, f'prepared{threads}'), num_threads=threads,
+                     show_progress=False)
+      rates[threads] = n / (time.perf_counter() - t0)
+    print(f'prepare, one thread:       {rates[1]:7.0f} images/s')
+    print(f'prepare, default threads:  {rates[None]:7.0f} images/s = '
+          f'{rates[None] / (cores * rates[1]):.2f} x cores x one thread\n')
+    source = folder.FolderSource(os.path.join(tmp, 'prepared1'))
+    transform = transforms.BatchTransform('imagenet', 224, 3, reduced_decode=True)
+    batches = [{'image': data[i:i + batch], 'index': np.arange(i, min(i + batch, n))}
+               for i in range(0, min(n, 1024), batch)]
+    one = rate(lambda b: transform(b, 1), batches, 1 if smoke else 2)
+    print(f'one core, the transform alone (imagenet, 224): {one:7.0f} images/s; '
+          f'{cores} cores: {cores * one:.0f}')
+    settings = [
+        ('configs/imagenet_resnet50.py:folder', imagenet_resnet50.get_config('folder').data),
+        ('configs/folder.py', folder_recipe.get_config().data),
+    ]
+    print(f'{"one epoch as train.py reads it":44s} {"threads":>7s} {"workers":>7s} '
+          f'{"img/s":>7s} {"x cores x one core":>19s}')
+    for name, d in settings + [('grain worker processes', None)]:
+      threads, workers = (d.num_threads, d.worker_count) if d is not None else (1, cores)
+      t0 = time.perf_counter()
+      count = 0
+      for b in pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=0,
+                                    transform=transform, num_threads=threads,
+                                    worker_count=workers):
+        count += len(b['index'])
+      value = count / (time.perf_counter() - t0)
+      shown = threads or f'{distributed.local_cores()} (0)'
+      print(f'{name:44s} {shown:>7} {workers:7d} {value:7.0f} {value / (cores * one):19.2f}')
+  finally:
+    shutil.rmtree(tmp)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--n', type=int, default=256, help='JPEGs')
@@ -143,10 +207,15 @@ def main():
   parser.add_argument('--repeat', type=int, default=3)
   parser.add_argument('--smoke', action='store_true', help='8 JPEGs, one pass: to check that '
                       'it runs')
+  parser.add_argument('--end_to_end', action='store_true', help='preparing a folder and whole '
+                      'epochs through the pipeline, against cores x one core (--n default 12800)')
   args = parser.parse_args()
   if args.smoke:
     args.n, args.batch, args.repeat = 8, 4, 1
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
+  if args.end_to_end:
+    n = args.n if args.smoke or '--n' in sys.argv else 12800
+    return end_to_end(n, 4 if args.smoke else 128, args.smoke)
   import torch
   torch.set_num_threads(1)
   data, kind = photos(args.n)

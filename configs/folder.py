@@ -16,8 +16,6 @@ from configs import imagenet_resnet18
 def get_config():
   c = imagenet_resnet18.get_config('folder')
   c.data.num_classes = 0          # from the class folders
-  c.data.num_threads = 8
-  c.data.worker_count = 0
   c.num_epochs = 100
   c.batch_size = 128
   c.lr_schedule = 'cosine'

@@ -48,6 +48,12 @@ def initialize(*, multihost: bool = False, coordinator_address: str | None = Non
   return False
 
 
+def local_cores() -> int:
+  """The CPU cores this process may run on (its affinity: a SLURM task's or a container's
+  share, not the whole host's)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
 def to_host(x) -> np.ndarray:
   """A global jax.Array as one numpy array on every process (gathered across hosts if needed);
   a host array as it is."""

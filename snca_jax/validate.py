@@ -97,7 +97,7 @@ def problems(config) -> list[str]:
        "the record field of the training label ('label', or e.g. 'coarse_label')")
   one_of('data.train_augment', d.train_augment, transforms.KINDS)
   one_of('data.eval_augment', d.eval_augment, transforms.KINDS)
-  count('data.num_threads', d.num_threads)
+  count('data.num_threads', d.num_threads, low=0)
   count('data.worker_count', d.worker_count, low=0)
   count('seed', config.seed, low=0)
   count('num_epochs', config.num_epochs)

@@ -97,3 +97,11 @@ def test_raw_pixel_knn(fake_idx_dir):
 def test_input_pipeline():
   out = run(sys.executable, 'benchmarks/input_pipeline.py', '--smoke')
   assert re.search(r'ours: train transform\s+\d+', out) and 'prepare (read' in out
+
+
+def test_input_pipeline_end_to_end():
+  out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke')
+  assert re.search(r'prepare, default threads:\s+\d+ images/s = [\d.]+ x cores', out)
+  for name in ('configs/imagenet_resnet50.py:folder', 'configs/folder.py',
+               'grain worker processes'):
+    assert re.search(re.escape(name) + r'\s+\S+( \(0\))?\s+\d+\s+\d+\s+[\d.]+$', out, re.M), out

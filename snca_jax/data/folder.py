@@ -39,6 +39,7 @@ import tqdm
 from array_record.python import array_record_module
 from PIL import Image
 
+from snca_jax import distributed
 from snca_jax.data import images
 from snca_jax.data.listing import find_classes, list_images
 from snca_jax.errors import DataError
@@ -46,6 +47,9 @@ from snca_jax.lookahead import look_ahead
 
 _SHARD_BYTES = 1 << 30
 _META = 'meta.json'
+# One record a group, stored as it is: encoded images do not compress, and the default
+# (brotli) cost a third of the time of preparing while reading it back costs decompression.
+_WRITER_OPTIONS = 'group_size:1,uncompressed'
 
 log = logging.getLogger('snca_jax')
 
@@ -121,7 +125,9 @@ def prepare(split_dir: str, out_dir: str, *, classes=None, skip_bad_images: bool
             num_threads: int | None = None, show_progress: bool = True) -> dict:
   """Writes the prepared split of `split_dir` to `out_dir` (see the module doc); returns meta.
   `classes`: the class list to label by (the training split's; default the split's own). If
-  another run has prepared `out_dir` meanwhile (or had before), that is used, not redone."""
+  another run has prepared `out_dir` meanwhile (or had before), that is used, not redone.
+  `num_threads` read and check files (default: two per core this process may use; PIL's
+  header parsing holds the GIL, the reads and decodes do not)."""
   out_dir = os.path.abspath(out_dir)
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -167,7 +173,7 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
   bar = tqdm.tqdm(total=len(files), desc=f'preparing {split_dir}', unit='img',
                   disable=not show_progress, dynamic_ncols=True)
   try:      # the bar and the shard closed on every path: no stale bar after an error
-    with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(num_threads or 2 * distributed.local_cores()) as pool:
       checked = _ordered_map(pool, _read_or_error, [os.path.join(split_dir, f) for f, _ in files])
       for (rel, label), (data, error) in zip(files, checked):
         bar.update(1)
@@ -183,7 +189,7 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
             writer.close()
           shard = len(kept) // per_shard
           writer = array_record_module.ArrayRecordWriter(
-              os.path.join(tmp, shard_names[shard]), 'group_size:1')
+              os.path.join(tmp, shard_names[shard]), _WRITER_OPTIONS)
         writer.write(serialize(data, label, len(kept), rel))
         labels.append(label)
         kept.append(rel)

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from snca_jax import distributed
 from snca_jax.data import transforms
 
 
@@ -60,8 +61,12 @@ class ProcessShare:
 
 
 def _iterate(ds: grain.MapDataset, start: int, num_threads: int, worker_count: int):
+  """`ds` from `start` on, read by `num_threads` threads (0: one per core this process may
+  use) in this process or in each of `worker_count` worker processes."""
   ds = ds[start:]
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=4))
+  num_threads = num_threads or distributed.local_cores()
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                            prefetch_buffer_size=max(4, num_threads)))
   if worker_count > 0:
     from absl import flags
     if not flags.FLAGS.is_parsed():      # grain's workers read absl flags (notebooks, tests)
