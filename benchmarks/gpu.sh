@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
-# The accelerator benchmarks in one go (under 5 minutes on one H200):
+# The accelerator benchmarks in one go (steps 1 and 2 took under 5 minutes on one H200; step 3
+# has not run on one yet):
 #   1. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
 #      1,281,167 rows: images/s and model FLOPs utilisation (benchmarks/train_step.py);
 #   2. the NCA step at ImageNet scale (N = 1,281,167, B = 256) against its matrix-product floor
-#      (benchmarks/nca_step.py; torch's variant runs on the CPU there, so it is left out).
-# Needs jax with the GPU or TPU backend, flax, optax, orbax-checkpoint and ml_collections
-# (PYTHONPATH may name a wheel of it: PYTHONPATH=path/to/ml_collections-1.1.0-py3-none-any.whl).
+#      (benchmarks/nca_step.py; torch's variant runs on the CPU there, so it is left out);
+#   3. end to end: train.py with the ResNet-50 recipe on a folder of 25,600 generated
+#      ImageNet-sized JPEGs (prepared, read and transformed by the host's cores), against the
+#      same step on synthetic batches, then eval_knn.py (benchmarks/end_to_end.py).
+# Needs jax with the GPU or TPU backend, flax, optax, orbax-checkpoint and ml_collections, and
+# for step 3 the input pipeline's packages too (grain, array_record, msgpack, simplejpeg,
+# tensorflow-datasets, absl-py, tqdm, tensorboardX, Pillow): where they are missing, install
+# their wheels first (the device tool's README says how to carry them).
 #
 #   benchmarks/gpu.sh [--smoke] [more flags for train_step.py]
 # --smoke runs both steps at tiny sizes on whatever backend JAX has (the CPU in `make test`),
@@ -22,3 +28,8 @@ fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 "$PYTHON" benchmarks/train_step.py --accelerator "$@"
 "$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}"
+if [[ "${1:-}" == --smoke ]]; then
+  "$PYTHON" benchmarks/end_to_end.py --smoke
+else
+  "$PYTHON" benchmarks/end_to_end.py
+fi

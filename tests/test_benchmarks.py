@@ -24,20 +24,24 @@ def run(*cmd, devices=None):
 
 def test_every_benchmark_has_a_smoke_test():
   tested = {'gpu.sh', 'train_step.py', 'nca_step.py', 'knn.py', 'memory_resnet50.py',
-            'scaling.py', 'raw_pixel_knn.py', 'input_pipeline.py'}
+            'scaling.py', 'raw_pixel_knn.py', 'input_pipeline.py', 'end_to_end.py'}
   scripts = {f for f in os.listdir(BENCHMARKS) if f.endswith(('.py', '.sh'))}
   assert scripts == tested, f'benchmarks without a smoke test: {sorted(scripts - tested)}'
 
 
-def test_gpu_script_runs_the_training_step_and_the_nca_step():
-  """gpu.sh --smoke: train_step.py --accelerator (bfloat16, FLOPs counted by XLA) and
-  nca_step.py (each variant in its own process), on the CPU."""
+def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
+  """gpu.sh --smoke: train_step.py --accelerator (bfloat16, FLOPs counted by XLA),
+  nca_step.py (each variant in its own process) and end_to_end.py (train.py on a generated
+  JPEG folder, the synthetic step, eval_knn.py), on the CPU."""
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
   for variant in ('ours', 'floor'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
   assert 'failed' not in out
+  assert re.search(r'synthetic batches on the device:\s+\d+ images/s', out), out
+  assert re.search(r'on the JPEG folder \(after compiling\):\s+\d+ images/s = [\d.]+ x', out)
+  assert re.search(r'eval_knn.py: \d+ s; kNN \(K=\d+.*top-1 [\d.]+%', out)
 
 
 def test_train_step_beside_pytorch():
