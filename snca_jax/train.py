@@ -83,6 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   prepared raises `Interrupted` at once (nothing half-written is left); one while the state or
   the step is being compiled stops the run cleanly, before its first step or after it, instead
   of a KeyboardInterrupt unwinding through XLA (a segmentation fault)."""
+  validate.check_config(config)          # a second, before anything else
   stop = stop_lib.StopRequest(check_every=config.stop_check_steps)
   try:
     return _train_and_evaluate(config, workdir, stop)
@@ -90,8 +91,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     stop.close()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stop: stop_lib.StopRequest):
-  validate.check_config(config)
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        stop: stop_lib.StopRequest):
   _check_workdir(workdir)
   mesh = mesh_lib.make_mesh()
   _check_config(config, mesh)

@@ -9,6 +9,7 @@ import math
 import numbers
 
 from snca_jax import models
+from snca_jax import schema
 from snca_jax.data import transforms
 from snca_jax.errors import ConfigError
 
@@ -23,8 +24,23 @@ def _integer(x) -> bool:
   return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _missing(config, schema_config, prefix='') -> list[str]:
+  """The fields of the schema that `config` lacks, dotted."""
+  out = []
+  for key, default in schema_config.items():
+    if key not in config:
+      out.append(prefix + key)
+    elif hasattr(default, 'items') and hasattr(config[key], 'items'):
+      out += _missing(config[key], default, f'{prefix}{key}.')
+  return out
+
+
 def problems(config) -> list[str]:
   """Every problem with `config`, as 'field=value: what it should be' strings."""
+  missing = _missing(config, schema.default_config())
+  if missing:      # nothing else can be checked
+    return [f'{", ".join(missing)} missing: a config starts from '
+            f'snca_jax.schema.default_config() (as every file in configs/ does) and sets fields']
   out = []
 
   def need(ok, field, rule):

@@ -41,3 +41,14 @@ def test_what_a_config_means():
   assert schema.trains_on_class_subset(c)
   c.data.label_key, c.data.label_map = 'label', (0, 0, 1)
   assert schema.trains_on_coarse_labels(c)
+
+
+def test_a_config_without_the_schemas_fields_is_one_clear_error():
+  import pytest
+  from snca_jax.errors import ConfigError
+  config = schema.default_config()
+  del config['stop_check_steps']
+  del config.data['reduced_decode']
+  with pytest.raises(ConfigError, match=r'data.reduced_decode, stop_check_steps missing: a '
+                                        r'config starts from snca_jax.schema.default_config'):
+    validate.check_config(config)
