@@ -17,7 +17,6 @@ baseline (same network, schedule and data), evaluates both the same way, and wri
 Runs that already finished in the workdir are evaluated again, not retrained.
 """
 
-import ast
 import json
 import os
 import time
@@ -28,6 +27,7 @@ from absl import flags
 from configs import fashion_mnist
 from snca_jax import cli
 from snca_jax import evaluate
+from snca_jax import schema
 from snca_jax import train
 
 EXPERIMENTS = {'knn': '', 'subcategory': 'coarse', 'fewshot': 'novel'}
@@ -83,28 +83,6 @@ flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set on every config, VALU
                           'keep_best=False).')
 
 
-def override(config, item: str):
-  """Sets `FIELD=VALUE` on `config`: VALUE read as a Python literal where it is one (False,
-  16, (1, 2)), else as the string; the config checks its type."""
-  field, _, text = item.partition('=')
-  try:
-    value = ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    value = text
-  try:
-    target = config
-    *parents, leaf = field.split('.')
-    for name in parents:
-      target = target[name]
-    if leaf not in target:
-      raise KeyError(leaf)
-    target[leaf] = value
-  except (KeyError, AttributeError, TypeError) as e:
-    raise ValueError(f'--override {item} cannot be set ({type(e).__name__}: {e}): give '
-                     f'FIELD=VALUE with a field of configs/fashion_mnist.py and a value of its '
-                     f'type') from None
-
-
 def main(argv):
   del argv
   args = FLAGS
@@ -124,7 +102,7 @@ def main(argv):
       if args.epochs:
         config.num_epochs = args.epochs
       for item in args.override:
-        override(config, item)
+        schema.override(config, item)
       workdir = os.path.join(args.workdir, f'{experiment}-{loss}')
       t0 = time.time()
       train.train_and_evaluate(config, workdir)

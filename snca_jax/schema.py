@@ -11,6 +11,8 @@ What a config means, asked in one place: `is_softmax` (the paper's baseline, no 
 `trains_on_coarse_labels` (sub-category discovery), `trains_on_class_subset` (novel classes).
 """
 
+import ast
+
 import ml_collections
 
 # What a checkpoint stores beside the config: the training set's size (its bank's padded
@@ -103,6 +105,28 @@ def trains_on_coarse_labels(config) -> bool:
 def trains_on_class_subset(config) -> bool:
   """Trained on `data.train_classes` only: evaluated on the others too (novel classes)."""
   return bool(config.data.train_classes)
+
+
+def override(config, item: str):
+  """Sets `FIELD=VALUE` (FIELD dotted, e.g. `data.num_threads`) on `config`: VALUE read as a
+  Python literal where it is one (`False`, `16`, `(1, 2)`), else as the string; the config
+  checks its type. A field it lacks or a value of another type is a ValueError saying so."""
+  field, _, text = item.partition('=')
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  try:
+    target = config
+    *parents, leaf = field.split('.')
+    for name in parents:
+      target = target[name]
+    if leaf not in target:
+      raise KeyError(leaf)
+    target[leaf] = value
+  except (KeyError, AttributeError, TypeError) as e:
+    raise ValueError(f'--override {item} cannot be set ({type(e).__name__}: {e}): give '
+                     f'FIELD=VALUE with a field of the config and a value of its type') from None
 
 
 def _merge(target: ml_collections.ConfigDict, saved: dict, path: str = ''):

@@ -52,3 +52,20 @@ def test_a_config_without_the_schemas_fields_is_one_clear_error():
   with pytest.raises(ConfigError, match=r'data.reduced_decode, stop_check_steps missing: a '
                                         r'config starts from snca_jax.schema.default_config'):
     validate.check_config(config)
+
+
+def test_override_reads_literals():
+  """experiments.py --override FIELD=VALUE: bools, numbers and tuples as values, not strings
+  cast by the old value's type (bool('False') was True, tuple('01') split characters)."""
+  import pytest
+  config = schema.default_config()
+  for item in ('keep_best=False', 'batch_size=16', 'data.train_classes=(0, 1, 2)',
+               'model=tiny_resnet', 'memory_momentum_steps=((1, 0.8),)'):
+    schema.override(config, item)
+  assert config.keep_best is False and config.batch_size == 16
+  assert config.data.train_classes == (0, 1, 2) and config.model == 'tiny_resnet'
+  assert config.memory_momentum_steps == ((1, 0.8),)
+  validate.check_config(config)
+  for bad in ('nonfield=3', 'data.nonfield=3', 'batch_size=abc'):
+    with pytest.raises(ValueError, match='cannot be set'):
+      schema.override(config, bad)
