@@ -79,6 +79,16 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
   assert_accuracy_matches(result, weighted_knn_reference(
       exported['queries.npy'], fine('test'), exported['database.npy'], fine('train'), k=30,
       sigma=0.05), 40, prefix='subcategory/top')
+  # Bag (fine 8) is coarse class 3 alone: without it, and the floors of a rule that knows the
+  # coarse class and guesses inside it (4 test images a class: (4 + 4 + 4 + 4) / 40, then / 36).
+  several = np.asarray(config.data.label_map)[fine('test')] != 3
+  assert result['subcategory/chance_floor'] == pytest.approx(0.4)
+  assert result['subcategory/chance_floor_without_singletons'] == pytest.approx(12 / 36)
+  assert_accuracy_matches({'top1': result['subcategory/top1_without_singletons']},
+                          weighted_knn_reference(
+                              exported['queries.npy'][several], fine('test')[several],
+                              exported['database.npy'], fine('train'), k=30, sigma=0.05,
+                              ks=(1,)), int(several.sum()))
   from PIL import Image
   png = Image.open(os.path.join(workdir, 'neighbours', 'neighbours.png'))
   assert png.size[0] > 11 * 84 and png.size[1] > 3 * 84
@@ -116,11 +126,12 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
   np.testing.assert_array_equal(q_labels, labels('test')[labels('test') >= 5])
   assert_accuracy_matches({'top1': result['fewshot/knn_top1']}, weighted_knn_reference(
       queries, q_labels, support, s_labels, k=30, sigma=0.05, ks=(1,)), len(queries))
-  for shots in (1, 5):
-    res = evaluators.few_shot_episodes(support, s_labels, queries, q_labels, ways=5, shots=shots)
+  for ways, shots in ((5, 1), (5, 5), (3, 1), (3, 5)):
+    res = evaluators.few_shot_episodes(support, s_labels, queries, q_labels, ways=ways,
+                                       shots=shots)
     for rule, (mean, ci) in res.items():
-      assert result[f'fewshot/5way{shots}shot_{rule}'] == pytest.approx(mean, abs=1e-6)
-      assert result[f'fewshot/5way{shots}shot_{rule}_ci95'] == pytest.approx(ci, abs=1e-6)
+      assert result[f'fewshot/{ways}way{shots}shot_{rule}'] == pytest.approx(mean, abs=1e-6)
+      assert result[f'fewshot/{ways}way{shots}shot_{rule}_ci95'] == pytest.approx(ci, abs=1e-6)
 
 
 def test_cifar100_superclasses_from_the_records(tfds_mock, tmp_path):

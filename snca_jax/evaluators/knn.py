@@ -46,13 +46,18 @@ class KnnSettings:
     """The K searched in a database of `size` images: self.k, or all of them where fewer."""
     return max(1, min(self.k, size))
 
+  def scores(self, queries, database: Database, *, num_classes, mesh):
+    """(K used, class scores (Q, num_classes)) of weighted kNN of `queries` against
+    `database`."""
+    k = self.k_for(database.size)
+    return k, knn.knn_classify(queries, database.features, database.labels, k=k,
+                               sigma=self.sigma, num_classes=num_classes, mesh=mesh,
+                               batch_size=self.batch_size)
+
   def accuracy(self, queries, query_labels, database: Database, *, num_classes, mesh,
                ks=(1, 5)):
     """(K used, {j: top-j accuracy}) of weighted kNN of `queries` against `database`."""
-    k = self.k_for(database.size)
-    scores = knn.knn_classify(queries, database.features, database.labels, k=k,
-                              sigma=self.sigma, num_classes=num_classes, mesh=mesh,
-                              batch_size=self.batch_size)
+    k, scores = self.scores(queries, database, num_classes=num_classes, mesh=mesh)
     return k, knn.top_k_accuracy(scores, query_labels, ks=ks)
 
 
