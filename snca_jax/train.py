@@ -240,8 +240,7 @@ def _resume(mngr, step: int, abstract, *, config, num_examples: int, tx,
   """The state of the checkpoint at `step`, checked against `config` and the training set's
   size, onto the mesh of `abstract`. A converted checkpoint (the original's weights and bank,
   without an optimizer state of this run's) starts a fresh optimizer state at its epoch."""
-  checkpoint.check_resumable(mngr, step, config=config, num_examples=num_examples)
-  _, facts = checkpoint.read_config(mngr, step)
+  facts = checkpoint.check_resumable(mngr, step, config=config, num_examples=num_examples)
   if 'converted' not in facts:
     return checkpoint.restore_train_state(mngr, step, abstract, num_examples=num_examples)
   with checkpoint.reading(os.path.join(str(mngr.directory), str(step))):

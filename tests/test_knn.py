@@ -98,3 +98,15 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, chunk_size=128)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :3]
   assert np.array_equal(np.asarray(idx), want)
+
+
+def test_a_database_is_counted_once(monkeypatch):
+  """Its size (the rows but the padding ones) is counted where the labels live, once however
+  often the evaluators ask: a sharded bank's count is a device computation and a host sync."""
+  from snca_jax import bank as bank_lib
+  from snca_jax.evaluators import Database
+  calls = []
+  count = bank_lib.database_size
+  monkeypatch.setattr(bank_lib, 'database_size', lambda labels: calls.append(1) or count(labels))
+  database = Database(np.zeros((5, 3), np.float32), jax.numpy.asarray([0, 1, 1, -1, -1]))
+  assert database.size == 3 and database.size == 3 and len(calls) == 1

@@ -75,9 +75,10 @@ def restore_as_saved(mngr, step: int, mesh) -> dict:
   return restore_state(mngr, step, jax.tree_util.tree_map_with_path(target, tree))
 
 
-def check_resumable(mngr, step: int, *, config, num_examples: int):
+def check_resumable(mngr, step: int, *, config, num_examples: int) -> dict:
   """Raises CheckpointError unless the run of `config` on a training set of `num_examples` can
-  resume from the checkpoint at `step`: the same network, embedding size and training set."""
+  resume from the checkpoint at `step`: the same network, embedding size and training set.
+  Returns the checkpoint's run facts."""
   where = os.path.join(str(mngr.directory), str(step))
   with reading(where):
     saved, facts = read_config(mngr, step)
@@ -95,6 +96,7 @@ def check_resumable(mngr, step: int, *, config, num_examples: int):
     raise CheckpointError(
         f'checkpoint {where} has a bank of {saved_examples} rows but the training set has '
         f'{num_examples} examples: resume with the same dataset, or use a new --workdir')
+  return facts
 
 
 def restore_train_state(mngr, step: int, abstract, *, num_examples: int):

@@ -8,6 +8,7 @@ searches: the bank, or the training set embedded again.
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 from snca_jax import bank as bank_lib
@@ -23,9 +24,9 @@ class Database:
   labels: Any
   index: Any = None
 
-  @property
+  @functools.cached_property
   def size(self) -> int:
-    """Its images: the rows but the padding ones."""
+    """Its images: the rows but the padding ones (counted once, where the labels live)."""
     return bank_lib.database_size(self.labels)
 
 
