@@ -2,7 +2,8 @@
 # The accelerator benchmarks in one go (steps 1 and 2 took under 5 minutes on one H200; step 3
 # has not run on one yet):
 #   1. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
-#      1,281,167 rows: images/s and model FLOPs utilisation (benchmarks/train_step.py);
+#      1,281,167 rows: images/s and model FLOPs utilisation, then the step with each lever
+#      (twice the batch, BatchNorm statistics in bfloat16) (benchmarks/train_step.py);
 #   2. the NCA step at ImageNet scale (N = 1,281,167, B = 256) against its matrix-product floor
 #      (benchmarks/nca_step.py; torch's variant runs on the CPU there, so it is left out);
 #   3. end to end: train.py with the ResNet-50 recipe on a folder of 25,600 generated
@@ -26,7 +27,7 @@ if [[ "${1:-}" == --smoke ]]; then
 fi
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
-"$PYTHON" benchmarks/train_step.py --accelerator "$@"
+"$PYTHON" benchmarks/train_step.py --accelerator --levers "$@"
 "$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}"
 if [[ "${1:-}" == --smoke ]]; then
   "$PYTHON" benchmarks/end_to_end.py --smoke

@@ -20,8 +20,9 @@ Then the cores needed to feed 3,000 images/s, and the rate of preparing an image
 `--end_to_end` measures what training gets instead, on a folder of --n such JPEGs (256 photos
 repeated): preparing it with one thread and with the default threads, against the cores times
 the one-thread rate; then a whole epoch read as train.py reads it (`pipeline.run_batches`, the
-ImageNet training transform, batches of 128) with each recipe's reader settings and with grain
-worker processes, against the cores times the rate of the same transform on one core.
+ImageNet training transform, batches of 128; best of two epochs, each starting its readers)
+with each recipe's reader settings and with grain worker processes, against the cores times
+the rate of the same transform on one core (best of two passes).
 
 The images are real photos where scikit-learn is installed (its two sample images, China and
 a flower, cut into 500x375 views and re-encoded), else synthetic pictures with noise.
@@ -143,6 +144,35 @@ def rate(fn, items, repeat):
   return best
 
 
+def gil_share(transform, batches):
+  """The share of the transform's time (one thread) spent outside libjpeg-turbo's decoding and
+  PIL's resizing, the calls that release the GIL: the rest holds it (Python, numpy, copies)."""
+  import simplejpeg
+  inside = [0.0]
+
+  def timed(fn):
+    def call(*args, **kwargs):
+      t0 = time.perf_counter()
+      try:
+        return fn(*args, **kwargs)
+      finally:
+        inside[0] += time.perf_counter() - t0
+    return call
+
+  decode, resize = simplejpeg.decode_jpeg, Image.Image.resize
+  simplejpeg.decode_jpeg, Image.Image.resize = timed(decode), timed(resize)
+  try:
+    transform(batches[0], 1)
+    inside[0] = 0.0
+    t0 = time.perf_counter()
+    for b in batches:
+      transform(b, 1)
+    total = time.perf_counter() - t0
+  finally:
+    simplejpeg.decode_jpeg, Image.Image.resize = decode, resize
+  return 1 - inside[0] / total
+
+
 def end_to_end(n, batch, smoke):
   """Prepare rates and whole epochs through the pipeline, against cores x one core."""
   from configs import folder as folder_recipe
@@ -179,23 +209,45 @@ def end_to_end(n, batch, smoke):
     one = rate(lambda b: transform(b, 1), batches, 1 if smoke else 2)
     print(f'one core, the transform alone (imagenet, 224): {one:7.0f} images/s; '
           f'{cores} cores: {cores * one:.0f}')
+    g = gil_share(transform, batches)
+    print(f'of its time, {1 - g:.0%} in decoding and resizing (GIL released), {g:.0%} holding '
+          f'the GIL: one process\'s threads can use at most about {1 / g:.0f} cores; '
+          f'{pipeline.THREADS_PER_WORKER} threads keep it {pipeline.THREADS_PER_WORKER * g:.0%} '
+          f'busy\n')
     settings = [
         ('configs/imagenet_resnet50.py:folder', imagenet_resnet50.get_config('folder').data),
         ('configs/folder.py', folder_recipe.get_config().data),
     ]
-    print(f'{"one epoch as train.py reads it":44s} {"threads":>7s} {"workers":>7s} '
-          f'{"img/s":>7s} {"x cores x one core":>19s}')
-    for name, d in settings + [('grain worker processes', None)]:
-      threads, workers = (d.num_threads, d.worker_count) if d is not None else (1, cores)
-      t0 = time.perf_counter()
-      count = 0
-      for b in pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=0,
-                                    transform=transform, num_threads=threads,
-                                    worker_count=workers):
-        count += len(b['index'])
-      value = count / (time.perf_counter() - t0)
-      shown = threads or f'{distributed.local_cores()} (0)'
-      print(f'{name:44s} {shown:>7} {workers:7d} {value:7.0f} {value / (cores * one):19.2f}')
+    print(f'{"one epoch as train.py reads it":52s} {"threads":>7s} {"workers":>7s} '
+          f'{"img/s":>7s} {"x cores x one core":>19s} {"after 1st batch":>16s} '
+          f'{"main CPU us/img":>16s}')
+    many = pipeline.THREAD_CORES + 1
+    next(pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=1,
+                              transform=transform))   # warm the process, as `rate` does
+    for name, (threads, workers) in (
+        [(f'{name} (from the cores)', pipeline.readers(d.num_threads, d.worker_count))
+         for name, d in settings]
+        + [('grain workers, 1 thread each', (1, cores)),
+           (f'1 grain worker, {pipeline.readers(0, -1, many)[0]} threads (as on >= {many} '
+            f'cores)', (pipeline.readers(0, -1, many)[0], 1))]):
+      value = steady = main_cpu = 0.0
+      for _ in range(1 if smoke else 2):                 # best of two, as the one-core rate
+        t0, cpu0 = time.perf_counter(), time.process_time()
+        count, first = 0, None
+        for b in pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=0,
+                                      transform=transform, num_threads=threads,
+                                      worker_count=workers):
+          count += len(b['index'])
+          first = first or (time.perf_counter(), count)
+        end = time.perf_counter()
+        if count / (end - t0) > value:
+          value, main_cpu = count / (end - t0), (time.process_time() - cpu0) / count * 1e6
+        steady = max(steady, (count - first[1]) / max(end - first[0], 1e-9))
+      print(f'{name:52s} {threads:7d} {workers:7d} {value:7.0f} {value / (cores * one):19.2f} '
+            f'{steady / (cores * one):16.2f} {main_cpu:16.0f}')
+    print('(after 1st batch: the same ratio from the first batch on, without the start of the '
+          'readers;\n main CPU: this process\'s CPU time over the images, its threads\' '
+          'included; with worker processes, what receiving their batches costs it)')
   finally:
     shutil.rmtree(tmp)
 

@@ -34,7 +34,8 @@ PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0
                     'TPU v5 lite': 197.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0}
 
 
-def ours(args, model_name, image_size, dtype, n_bank):
+def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
+         count_flops=True):
   import jax
   import jax.numpy as jnp
   from configs import cifar10_resnet18
@@ -45,7 +46,9 @@ def ours(args, model_name, image_size, dtype, n_bank):
   from snca_jax import step as step_lib
 
   config = cifar10_resnet18.get_config()
+  args = argparse.Namespace(**{**vars(args), 'batch': batch_size or args.batch})
   config.model, config.batch_size = model_name, args.batch
+  config.bn_float32_statistics = bn_float32
   config.dtype = config.nca_matmul_dtype = dtype
   config.nca_chunk_size = args.chunk
   mesh = mesh_lib.make_mesh()
@@ -65,6 +68,13 @@ def ours(args, model_name, image_size, dtype, n_bank):
       'label': rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
       for _ in range(4)]
   compiled = train_step.lower(state, batches[0]).compile()
+  if not count_flops:
+    def run_only(steps):
+      nonlocal state
+      for i in range(steps):
+        state, metrics = compiled(state, batches[i % len(batches)])
+      jax.block_until_ready(metrics['loss'])
+    return run_only, None, float('nan')
   # The FLOPs of the step as written, which is what model FLOPs utilisation divides: XLA's
   # count of the same step lowered for the CPU, before any backend rewrites convolutions into
   # library calls it does not count (the NCA kernel's scan counts as one chunk: a lower bound).
@@ -219,6 +229,8 @@ def main(argv=None):
   p.add_argument('--peak_tflops', type=float, default=None)
   p.add_argument('--skip_torch', action='store_true')
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
+  p.add_argument('--levers', action='store_true', help='then the whole step again with each '
+                 'lever: twice the batch, BatchNorm statistics in the compute dtype')
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
   args = p.parse_args(argv)
@@ -257,6 +269,16 @@ def main(argv=None):
     achieved = flops / t_full / 1e12
     print(f'XLA counts {flops / 1e9:.0f} GFLOP a step: {achieved:.0f} TFLOP/s, '
           f'{100 * achieved / peak:.1f}% of the {peak:.0f} TFLOP/s bfloat16 peak (MFU)')
+  if args.levers:
+    base = args.batch / t_full
+    print(f'levers, each alone (whole step; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
+    for label, batch, bn_float32 in (
+        (f'batch {2 * args.batch}', 2 * args.batch, True),
+        ('BatchNorm statistics in the compute dtype', args.batch, False),
+        ('both', 2 * args.batch, False)):
+      run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False)
+      t = timed(run, args.steps, args.repeats)
+      print(f'{label:40s} {1000 * t:9.1f} ms {batch / t:9.1f} images/s {batch / t / base:6.2f}x')
 
 
 if __name__ == '__main__':

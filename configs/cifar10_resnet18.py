@@ -26,7 +26,7 @@ def cifar_data(c, name: str, num_classes: int, source: str):
   c.data.std = (0.2023, 0.1994, 0.2010)
   c.data.train_augment = 'cifar'     # resized crop (0.2-1), grayscale 0.2, jitter 0.4, flip
   c.data.eval_augment = 'none'
-  c.data.num_threads = 0             # one reader thread per core (snca_jax/schema.py)
+  c.data.num_threads, c.data.worker_count = 0, -1   # readers from the cores (schema.py)
   return c
 
 

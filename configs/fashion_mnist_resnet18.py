@@ -20,7 +20,7 @@ def get_config(options: str = ''):
   c.learning_rate = 0.1
   c.lr_schedule = 'cosine'
   c.weight_decay = 5e-4
-  c.data.num_threads = 0       # one reader thread per core
+  c.data.num_threads = 0       # one reader thread per core (arrays in memory: no workers)
   c.knn.batch_size = 2000
   c.log_every_steps = 100
   return c

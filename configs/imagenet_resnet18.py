@@ -32,7 +32,7 @@ def imagenet_data(c, source: str):
   c.data.std = (0.229, 0.224, 0.225)
   c.data.train_augment = 'imagenet'       # random resized crop 224, flip
   c.data.eval_augment = 'imagenet_eval'   # resize 256, centre crop 224
-  c.data.num_threads = 0                  # one reader thread per core (snca_jax/schema.py)
+  c.data.num_threads, c.data.worker_count = 0, -1   # readers from the cores (schema.py)
   return c
 
 

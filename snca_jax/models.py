@@ -148,6 +148,7 @@ class ResNet(nn.Module):
   init_scheme: str = 'torchvision'
   bn_groups: int = 1
   num_classes: int = 0
+  bn_float32_statistics: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -160,7 +161,8 @@ class ResNet(nn.Module):
     else:
       norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                                momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON,
-                               dtype=self.dtype, param_dtype=jnp.float32)
+                               dtype=self.dtype, param_dtype=jnp.float32,
+                               force_float32_reductions=self.bn_float32_statistics)
     x = jnp.asarray(x, self.dtype)
     if self.stem == 'imagenet':
       x = conv(self.stem_width, (7, 7), 2, padding=_pad(7), name='conv1')(x)
@@ -238,13 +240,15 @@ def model_from_config(config, num_devices: int = 1) -> ResNet:
   return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype],
                       init=config.model_init,
                       bn_groups=num_devices if config.bn_per_device else 1,
-                      num_classes=config.data.num_classes if schema.is_softmax(config) else 0)
+                      num_classes=config.data.num_classes if schema.is_softmax(config) else 0,
+                      bn_float32_statistics=config.bn_float32_statistics)
 
 
 def create_model(name: str, *, low_dim: int = 128, dtype: Any = jnp.float32,
-                 init: str = 'torchvision', bn_groups: int = 1, num_classes: int = 0) -> ResNet:
+                 init: str = 'torchvision', bn_groups: int = 1, num_classes: int = 0,
+                 bn_float32_statistics: bool = True) -> ResNet:
   """The model called `name` (see MODELS) with an embedding of size `low_dim`."""
   if name not in MODELS:
     raise ConfigError(f'unknown model {name!r}; choose one of: {", ".join(sorted(MODELS))}')
   return MODELS[name](low_dim=low_dim, dtype=dtype, init_scheme=init, bn_groups=bn_groups,
-                      num_classes=num_classes)
+                      num_classes=num_classes, bn_float32_statistics=bn_float32_statistics)

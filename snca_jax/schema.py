@@ -28,6 +28,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   c.model_init = 'torchvision'  # or 'pytorch' (PyTorch's defaults, the original's CIFAR net)
   c.bn_per_device = False       # True: BatchNorm statistics per device, as DataParallel's
+  c.bn_float32_statistics = True  # False: batch statistics summed in the compute dtype (a
+                                  # speed lever with bfloat16; benchmarks/train_step.py)
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'fashion_mnist'  # or 'folder', or a TFDS dataset name ('cifar10', ...)
@@ -50,12 +52,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.label_key = 'label'    # the record field trained on (cifar100: 'coarse_label')
   c.data.train_classes = ()     # train on these classes only; () = all
   c.data.reduced_decode = True  # let libjpeg decode large JPEGs at 1/2-1/8 scale when cropping
-  # Readers of training and evaluation batches. Threads, one per core where 0: on 2 cores a
-  # whole epoch ran at 0.84-0.86 of 2 x one core's transform rate, grain's worker processes
-  # (which copy every batch back) at 0.72 (benchmarks/input_pipeline.py --end_to_end). The
-  # demo's Fashion-MNIST batches cost little to make: one thread.
-  c.data.num_threads = 1        # threads reading and transforming batches; 0 = one per core
-  c.data.worker_count = 0       # grain worker processes as well (each with num_threads)
+  # Readers of training and evaluation batches, derived from the cores of each process where
+  # 0 and -1 (snca_jax.data.pipeline.readers): threads on up to 4 cores (on 2, a whole epoch
+  # read at 0.84-0.86 of 2 x one core's transform rate; grain's worker processes, which copy
+  # every batch back, at 0.72: benchmarks/input_pipeline.py --end_to_end), worker processes of
+  # 4 threads on more. An explicit value stands.
+  c.data.num_threads = 0        # threads in each reading process; 0 = from the cores
+  c.data.worker_count = -1      # grain worker processes; -1 = from the cores, 0 = none
 
   c.seed = 0
   c.num_epochs = 5

@@ -114,7 +114,7 @@ def problems(config) -> list[str]:
   one_of('data.train_augment', d.train_augment, transforms.KINDS)
   one_of('data.eval_augment', d.eval_augment, transforms.KINDS)
   count('data.num_threads', d.num_threads, low=0)
-  count('data.worker_count', d.worker_count, low=0)
+  count('data.worker_count', d.worker_count, low=-1)
   count('seed', config.seed, low=0)
   count('num_epochs', config.num_epochs)
   count('batch_size', config.batch_size)

@@ -36,6 +36,8 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
+  for lever in ('batch 16', 'BatchNorm statistics in the compute dtype', 'both'):
+    assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
   for variant in ('ours', 'floor'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
   assert 'failed' not in out
@@ -106,6 +108,8 @@ def test_input_pipeline():
 def test_input_pipeline_end_to_end():
   out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke')
   assert re.search(r'prepare, default threads:\s+\d+ images/s = [\d.]+ x cores', out)
-  for name in ('configs/imagenet_resnet50.py:folder', 'configs/folder.py',
-               'grain worker processes'):
-    assert re.search(re.escape(name) + r'\s+\S+( \(0\))?\s+\d+\s+\d+\s+[\d.]+$', out, re.M), out
+  assert re.search(r'(\d+)% holding the GIL', out), out
+  for name in ('configs/imagenet_resnet50.py:folder (from the cores)',
+               'configs/folder.py (from the cores)', 'grain workers, 1 thread each',
+               '1 grain worker, 2 threads (as on >= 5 cores)'):
+    assert re.search(re.escape(name) + r'(\s+\d+){3}(\s+[\d.]+){2}\s+\d+$', out, re.M), out

@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 
+from snca_jax import distributed
 from snca_jax import models
 from snca_jax.data import fashion_mnist
 from snca_jax.data import pipeline
@@ -128,13 +129,38 @@ def test_worker_processes_give_the_same_batches(fake_data_config):
   assert len(with_workers) == 6
 
 
-@pytest.mark.parametrize('num_threads,worker_count', [(1, 0), (3, 0), (2, 2)])
+def test_readers_derived_from_the_cores():
+  most, per = pipeline.THREAD_CORES, pipeline.THREADS_PER_WORKER
+  # Both derived: threads alone up to THREAD_CORES cores, then worker processes.
+  assert [pipeline.readers(0, -1, c) for c in (1, 2, most)] == [(1, 0), (2, 0), (most, 0)]
+  assert pipeline.readers(0, -1, 16) == (per, 16 // per)
+  assert pipeline.readers(0, -1, 100) == (per, 100 // per)
+  # An explicit value stands; the other fills the cores.
+  assert pipeline.readers(3, -1, 2) == (3, 0) and pipeline.readers(2, -1, 16) == (2, 8)
+  assert pipeline.readers(0, 0, 16) == (16, 0) and pipeline.readers(0, 8, 16) == (2, 8)
+  assert pipeline.readers(0, 32, 16) == (1, 32) and pipeline.readers(5, 3, 2) == (5, 3)
+  # Every recipe but the demo's derives both; the cores are the process's own.
+  from configs import cifar10_resnet18, fashion_mnist, folder, imagenet_resnet50
+  for recipe in (cifar10_resnet18.get_config(), folder.get_config(),
+                 imagenet_resnet50.get_config('folder')):
+    assert (recipe.data.num_threads, recipe.data.worker_count) == (0, -1)
+  d = fashion_mnist.get_config().data
+  assert (d.num_threads, d.worker_count) == (1, 0)
+  cores = distributed.local_cores()
+  assert pipeline.readers(0, -1) == ((cores, 0) if cores <= most else (per, cores // per))
+
+
+@pytest.mark.parametrize('num_threads,worker_count,cores', [(1, 0, None), (3, 0, None),
+                                                            (0, -1, 6)])
 def test_a_run_reads_its_epochs_through_one_iterator(fake_data_config, num_threads,
-                                                     worker_count):
+                                                     worker_count, cores, monkeypatch):
   """run_batches from any step: the batches of train_batches, epoch after epoch, bit for bit,
-  whatever the threads and worker processes."""
+  whatever the threads and worker processes (those a 6-core host derives: 3 workers of 2
+  threads)."""
   from absl import flags
   flags.FLAGS.mark_as_parsed()            # grain's worker processes read absl flags
+  if cores:
+    monkeypatch.setattr(distributed, 'local_cores', lambda: cores)
   source = sources.open_source(fake_data_config.data, 'train')
   want = [b for e in range(3) for b in _epoch(source, epoch=e)]
   got = list(pipeline.run_batches(source, num_epochs=3, start_step=4, global_batch_size=16,

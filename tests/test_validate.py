@@ -11,7 +11,7 @@ from snca_jax.errors import ConfigError
 # Fields any value of their type suits: paths ('' = the default place) and switches.
 FREE = {'data.data_dir', 'data.idx_dir', 'data.root', 'data.prepared_dir', 'data.download',
         'data.skip_bad_images', 'data.reduced_decode', 'nesterov', 'bn_per_device',
-        'keep_best'}
+        'bn_float32_statistics', 'keep_best'}
 
 
 def leaves(config, prefix=''):
@@ -26,7 +26,7 @@ def bad_values(value):
   if isinstance(value, bool):
     return []
   if isinstance(value, int):
-    return [-1]
+    return [-1, -2]                 # -1 means 'from the cores' for data.worker_count
   if isinstance(value, float):
     return [-1.0, math.nan, math.inf]
   if isinstance(value, str):

@@ -12,6 +12,13 @@ seen.
 A run reads all its epochs through one iterator (`run_batches`: the epochs' datasets
 concatenated), so that grain's worker processes and prefetch threads are started once and
 keep reading the next epoch's first batches while the last one is evaluated.
+
+Who reads (`readers`): threads where a process has a few cores, worker processes of
+THREADS_PER_WORKER threads each where it has more. Decoding and resizing release Python's GIL,
+but the rest of an example's work holds it (a fifth of the ImageNet transform's time), so the
+threads of one process stop scaling at about five cores; each worker process has a GIL of its
+own, and costs the training process about 15 us an image to receive from
+(`benchmarks/input_pipeline.py --end_to_end`).
 """
 
 import dataclasses
@@ -60,11 +67,38 @@ class ProcessShare:
     return positions[self.process_index * local:(self.process_index + 1) * local]
 
 
+# Threads alone on up to THREAD_CORES cores: on 2, threads read a whole epoch at 0.84-0.88 of
+# the cores' transform rate, worker processes at 0.63-0.68 (0.73-0.77 once started). Beyond,
+# worker processes of THREADS_PER_WORKER threads: holding the GIL a fifth of an example's
+# time, two threads keep it about 40% busy, while one's decode overlaps the other's Python.
+THREAD_CORES = 4
+THREADS_PER_WORKER = 2
+
+
+def readers(num_threads: int, worker_count: int, cores: int | None = None) -> tuple[int, int]:
+  """(threads in each reading process, grain worker processes) for `data.num_threads` and
+  `data.worker_count` on `cores` (default: the cores this process may use). 0 threads and -1
+  workers are derived from the cores, an explicit value stands:
+    both derived: up to THREAD_CORES cores, one thread per core in this process; more,
+                  cores // THREADS_PER_WORKER workers of THREADS_PER_WORKER threads
+    threads t:    workers to fill the cores with processes of t threads (none where t covers
+                  them)
+    workers w:    the cores shared among them (all of them in this process where w = 0)"""
+  cores = cores or distributed.local_cores()
+  if num_threads == 0 and worker_count < 0:
+    if cores <= THREAD_CORES:
+      return cores, 0
+    return THREADS_PER_WORKER, cores // THREADS_PER_WORKER
+  if worker_count < 0:
+    return num_threads, 0 if num_threads >= cores else cores // num_threads
+  return num_threads or max(1, cores // max(worker_count, 1)), worker_count
+
+
 def _iterate(ds: grain.MapDataset, start: int, num_threads: int, worker_count: int):
-  """`ds` from `start` on, read by `num_threads` threads (0: one per core this process may
-  use) in this process or in each of `worker_count` worker processes."""
+  """`ds` from `start` on, read by the `readers(num_threads, worker_count)`: threads in this
+  process, or in each worker process."""
   ds = ds[start:]
-  num_threads = num_threads or distributed.local_cores()
+  num_threads, worker_count = readers(num_threads, worker_count)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                             prefetch_buffer_size=max(4, num_threads)))
   if worker_count > 0:
