@@ -6,6 +6,9 @@
   ours   snca_jax.nca.nca_step (loss, gradient and bank update in one pass; one device here),
          jitted, bank donated so that the update is in place
   ours_bf16  the same with matmul_dtype=bfloat16 (bfloat16 products, float32 accumulation)
+  pallas, pallas_bf16  the same with kernel='pallas': each device's pass over its rows as one
+         Pallas kernel (snca_jax/nca_pallas.py), for GPUs; only when asked for (--variants), as
+         on a CPU Pallas interprets it
   dense  snca_jax.nca.nca_loss (the dense reference) + snca_jax.bank.update, jitted, bank donated
   torch  the original's operation in PyTorch: LinearAverage (x @ memory.T / T; backward
          grad @ memory / T, then the in-place momentum update of the memory) + NCACrossEntropy
@@ -30,6 +33,7 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('ours', 'ours_bf16', 'dense', 'torch', 'floor')
+PALLAS = ('pallas', 'pallas_bf16')     # on request (gpu.sh): interpreted, hence slow, on a CPU
 
 
 def rss_mb(field='VmRSS'):
@@ -81,13 +85,14 @@ def jax_variant(name, args):
   if name == 'floor':
     def step(bank, f):
       return bank, (f @ bank.T) @ bank
-  elif name in ('ours', 'ours_bf16'):
-    dtype = jnp.bfloat16 if name == 'ours_bf16' else jnp.float32
+  elif name in ('ours', 'ours_bf16') + PALLAS:
+    dtype = jnp.bfloat16 if name.endswith('_bf16') else jnp.float32
+    kernel = 'pallas' if name in PALLAS else 'xla'
 
     def step(bank, f):
       (loss, bank), grad = jax.value_and_grad(lambda x: nca.nca_step(
           x, idx, bank, labels, 0.5, temperature=T, mesh=mesh, chunk_size=args.chunk or None,
-          matmul_dtype=dtype), has_aux=True)(f)
+          matmul_dtype=dtype, kernel=kernel), has_aux=True)(f)
       return bank, (loss, grad)
   else:
     def step(bank, f):
@@ -178,7 +183,7 @@ def main(argv=None):
   p.add_argument('--chunk', type=int, default=0, help='0: nca.default_chunk_size(B)')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
-  p.add_argument('--run', choices=VARIANTS, help=argparse.SUPPRESS)
+  p.add_argument('--run', choices=VARIANTS + PALLAS, help=argparse.SUPPRESS)
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 2,000, B = 16), to check that it runs')
   args = p.parse_args(argv)
@@ -207,7 +212,7 @@ def main(argv=None):
   for v, r in results.items():
     ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
     print(f"{v:8s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
-  for v in ('ours', 'ours_bf16'):
+  for v in ('ours', 'ours_bf16') + PALLAS:
     if v in results:
       print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.1f}x faster than {o}"
                                  for o in ('torch', 'dense') if o in results))

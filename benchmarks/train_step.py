@@ -35,7 +35,7 @@ PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0
 
 
 def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
-         count_flops=True):
+         count_flops=True, nca_kernel='xla'):
   import jax
   import jax.numpy as jnp
   from configs import cifar10_resnet18
@@ -49,6 +49,7 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
   args = argparse.Namespace(**{**vars(args), 'batch': batch_size or args.batch})
   config.model, config.batch_size = model_name, args.batch
   config.bn_float32_statistics = bn_float32
+  config.nca_kernel = nca_kernel
   config.dtype = config.nca_matmul_dtype = dtype
   config.nca_chunk_size = args.chunk
   mesh = mesh_lib.make_mesh()
@@ -230,7 +231,8 @@ def main(argv=None):
   p.add_argument('--skip_torch', action='store_true')
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
-                 'lever: twice the batch, BatchNorm statistics in the compute dtype')
+                 'lever: twice the batch, BatchNorm statistics in the compute dtype, the '
+                 'Pallas NCA kernel')
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
   args = p.parse_args(argv)
@@ -271,13 +273,20 @@ def main(argv=None):
           f'{100 * achieved / peak:.1f}% of the {peak:.0f} TFLOP/s bfloat16 peak (MFU)')
   if args.levers:
     base = args.batch / t_full
-    print(f'levers, each alone (whole step; XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
-    for label, batch, bn_float32 in (
-        (f'batch {2 * args.batch}', 2 * args.batch, True),
-        ('BatchNorm statistics in the compute dtype', args.batch, False),
-        ('both', 2 * args.batch, False)):
-      run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False)
-      t = timed(run, args.steps, args.repeats)
+    print(f'levers, each alone (whole step, one run of {args.steps} steps; '
+          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
+    for label, batch, bn_float32, kernel in (
+        (f'batch {2 * args.batch}', 2 * args.batch, True, 'xla'),
+        ('BatchNorm statistics in the compute dtype', args.batch, False, 'xla'),
+        ('both', 2 * args.batch, False, 'xla'),
+        ('the NCA pass as one Pallas kernel', args.batch, True, 'pallas')):
+      try:
+        run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False,
+                         nca_kernel=kernel)
+      except Exception as e:                         # a lever this backend cannot build
+        print(f'{label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
+        continue
+      t = timed(run, args.steps, 1)                  # one run each: device time is short
       print(f'{label:40s} {1000 * t:9.1f} ms {batch / t:9.1f} images/s {batch / t / base:6.2f}x')
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from snca_jax import bank as bank_lib
+from snca_jax import nca_pallas
 from snca_jax.bank import PAD_LABEL
 from snca_jax.mesh import DATA
 from snca_jax.models import l2_normalize
@@ -135,6 +136,7 @@ class KernelOptions:
   chunk_size: int             # bank rows per step of the scan
   matmul_dtype: jnp.dtype     # of both matrix products (float32 accumulation)
   update: bool                # also write the batch's bank rows (nca_step)
+  kernel: str = 'xla'         # 'pallas': the pass over the rows as one Pallas kernel
 
 
 def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
@@ -176,7 +178,16 @@ def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOpt
     return _online_update(carry, s, present & same, present & ~same, rows_c, opts.matmul_dtype)
 
   init = (jnp.full((2, batch), -jnp.inf), jnp.zeros((2, batch)), jnp.zeros((2, batch, dim)))
-  m, l, g = bank_lib.scan_chunks(fold, init, (bank, scan_labels), opts.chunk_size)
+  covered = nca_pallas.covered_rows(batch, rows) if opts.kernel == 'pallas' else 0
+  if covered:      # the leading rows in one Pallas kernel, the few after them as below
+    init = nca_pallas.partials(queries, labels, jnp.where(mine, local, -1), bank, scan_labels,
+                               matmul_dtype=opts.matmul_dtype)
+  if covered < rows:
+    m, l, g = bank_lib.scan_chunks(
+        lambda carry, r, fresh, *chunks: fold(carry, r + covered, fresh, *chunks), init,
+        (bank[covered:], scan_labels[covered:]), opts.chunk_size)
+  else:
+    m, l, g = init
   m, l, g = _combine(m, l, g)
   if opts.update:   # the batch's own rows, before the update, each example's own excluded
     old_c = old.astype(opts.matmul_dtype)
@@ -248,27 +259,30 @@ def default_chunk_size(batch: int, platform: str | None = None) -> int:
 
 
 def _call(features, indices, bank, bank_labels, momentum, update, temperature, margin, mesh,
-          chunk_size, matmul_dtype):
+          chunk_size, matmul_dtype, kernel):
+  if kernel not in ('xla', 'pallas'):
+    raise ValueError(f"NCA kernel {kernel!r}: use 'xla' or 'pallas'")
   opts = KernelOptions(temperature=float(temperature), margin=float(margin), mesh=mesh,
                        chunk_size=int(chunk_size or default_chunk_size(features.shape[0])),
-                       matmul_dtype=jnp.dtype(matmul_dtype), update=update)
+                       matmul_dtype=jnp.dtype(matmul_dtype), update=update, kernel=kernel)
   return _streaming(features, indices, bank, bank_labels, momentum, opts)
 
 
 def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0, mesh,
-                       chunk_size=None, matmul_dtype=jnp.float32):
+                       chunk_size=None, matmul_dtype=jnp.float32, kernel='xla'):
   """The NCA loss of docs/METHOD.md, equal to `nca_loss`, in one streaming pass over a row-sharded
   bank that also yields the feature gradient. `bank` (N, D) and `bank_labels` (N,) are sharded
   by rows over `mesh`'s data axis; `features` (B, D) and `indices` (B,) are replicated by it.
   `matmul_dtype=jnp.bfloat16` runs both matrix products in bfloat16 with float32 accumulation.
   `chunk_size` (bank rows per step of the scan) defaults to `default_chunk_size(B)`.
+  `kernel='pallas'` walks each device's rows in one Pallas kernel (`nca_pallas.py`; GPUs).
   """
   return _call(features, indices, bank, bank_labels, 0.0, False, temperature, margin, mesh,
-               chunk_size, matmul_dtype)[0]
+               chunk_size, matmul_dtype, kernel)[0]
 
 
 def nca_step(features, indices, bank, bank_labels, momentum, *, temperature, margin=0.0, mesh,
-             chunk_size=None, matmul_dtype=jnp.float32):
+             chunk_size=None, matmul_dtype=jnp.float32, kernel='xla'):
   """One training step's NCA work: (loss, bank after `bank.update`), in one pass.
 
   The loss, and its gradient (into `features` only), are those of `nca_loss` against the bank
@@ -277,4 +291,4 @@ def nca_step(features, indices, bank, bank_labels, momentum, *, temperature, mar
   update happens in place. The batch's indices must be distinct (as in any epoch).
   """
   return _call(features, indices, bank, bank_labels, momentum, True, temperature, margin, mesh,
-               chunk_size, matmul_dtype)
+               chunk_size, matmul_dtype, kernel)

@@ -52,7 +52,7 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
           features, batch['index'], state.bank, state.bank_labels, momentum,
           temperature=config.temperature, margin=config.margin, mesh=mesh,
           chunk_size=config.nca_chunk_size or None,
-          matmul_dtype=models.DTYPES[config.nca_matmul_dtype])
+          matmul_dtype=models.DTYPES[config.nca_matmul_dtype], kernel=config.nca_kernel)
       return loss, (bank, updates['batch_stats'])
 
     (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

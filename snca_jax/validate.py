@@ -137,6 +137,7 @@ def problems(config) -> list[str]:
        'each momentum in [0, 1)')
   count('nca_chunk_size', config.nca_chunk_size, low=0)
   one_of('nca_matmul_dtype', config.nca_matmul_dtype, sorted(models.DTYPES))
+  one_of('nca_kernel', config.nca_kernel, ['pallas', 'xla'])
   count('knn.k', config.knn.k)
   real('knn.sigma', config.knn.sigma, low=0)
   count('knn.batch_size', config.knn.batch_size)

@@ -36,9 +36,10 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
-  for lever in ('batch 16', 'BatchNorm statistics in the compute dtype', 'both'):
+  for lever in ('batch 16', 'BatchNorm statistics in the compute dtype', 'both',
+                'the NCA pass as one Pallas kernel'):
     assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
-  for variant in ('ours', 'floor'):
+  for variant in ('ours', 'pallas', 'floor'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
   assert 'failed' not in out
   assert re.search(r'synthetic batches on the device:\s+\d+ images/s', out), out

@@ -13,7 +13,7 @@ LAYERS = (
     ('errors', 'schema', 'mesh', 'distributed', 'metrics', 'lookahead'),
     ('cli', 'models', 'optim', 'stop'),
     ('data',),
-    ('validate', 'bank'),
+    ('validate', 'bank', 'nca_pallas'),
     ('nca', 'knn', 'state'),
     ('checkpoint', 'step'),
     ('evaluators',),

@@ -229,6 +229,46 @@ def test_nca_step_matches_dense_loss_gradient_and_update(num_devices, chunk_size
   np.testing.assert_array_equal(np.asarray(new)[203:], np.asarray(sb)[203:])   # padding kept
 
 
+@pytest.mark.parametrize('num_devices,dim,temperature', [(1, 32, 0.05), (8, 24, 0.01)])
+def test_pallas_kernel_matches_the_reference(num_devices, dim, temperature):
+  """kernel='pallas' (Pallas's interpreter on the CPU): loss and gradient against the float64
+  reference and the bank update, with most rows in the kernel's tiles and the rest (rows that
+  fill no whole tile per slice) through the scan; an embedding size that is no power of 2,
+  a singleton class, padding rows, a low temperature."""
+  from snca_jax import nca_pallas
+  f, idx, bank, labels = make_problem(14, B=24, N=2403, D=dim, unit_bank=False)
+  labels[idx[0]] = 7
+  mesh, sb, sl = _sharded(bank, labels, num_devices)
+  rows = sb.shape[0] // num_devices
+  assert 0 < nca_pallas.covered_rows(24, rows) < rows
+
+  def fn(x):
+    return nca.nca_step(x, idx, sb, sl, 0.8, temperature=temperature, margin=0.1, mesh=mesh,
+                        chunk_size=16, kernel='pallas')
+
+  (loss, new), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(f)
+  want_loss, want_grad = reference(f, idx, bank, labels, temperature, margin=0.1)
+  np.testing.assert_allclose(float(loss), want_loss, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-3,
+                             atol=1e-4 * np.abs(want_grad).max())
+  assert np.all(np.asarray(grad)[0] == 0)
+  want = np.asarray(bank_lib.update(jnp.asarray(bank), idx, f, 0.8))
+  np.testing.assert_allclose(np.asarray(new)[:2403], want, rtol=1e-6, atol=1e-7)
+  loss_only = jax.jit(lambda x: nca.streaming_nca_loss(
+      x, idx, sb, sl, temperature=temperature, margin=0.1, mesh=mesh, kernel='pallas'))(f)
+  np.testing.assert_allclose(float(loss_only), want_loss, rtol=1e-4)
+
+
+def test_pallas_kernel_bfloat16_matmuls_are_close():
+  f, idx, bank, labels = make_problem(15, B=16, N=1024)
+  mesh, sb, sl = _sharded(bank, labels, 2)
+  got = streaming_loss_and_grad(f, idx, mesh, sb, sl, temperature=0.05, kernel='pallas',
+                                matmul_dtype=jnp.bfloat16)
+  want = loss_and_grad(f, idx, bank, labels, temperature=0.05)
+  np.testing.assert_allclose(got[0], want[0], rtol=2e-2)
+  np.testing.assert_allclose(got[1], want[1], atol=3e-2 * np.abs(want[1]).max())
+
+
 def test_nca_step_updates_the_donated_bank_in_place():
   """No copy of the bank in the compiled step: the update is in place (the bank is donated)."""
   f, idx, bank, labels = make_problem(15, N=40000)
