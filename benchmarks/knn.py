@@ -1,10 +1,12 @@
-"""Weighted kNN (K=30) for 2,048 queries against an ImageNet-sized bank: ours against faiss.
+"""Weighted kNN (K=30 and K=200) for 2,048 queries against an ImageNet-sized bank: ours against faiss.
 
     python benchmarks/knn.py                 # N = 1,281,167, D = 128, Q = 2,048
     python benchmarks/knn.py --n 100000
 
-  ours   snca_jax.knn.knn_classify: sharded matmul + per-device chunked top-k (one device here)
+  ours   snca_jax.knn.knn_classify: per device, block maxima from cache-sized tiles of scores,
+         then the best blocks' rows scored again (method='blocked'; one device here)
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation)
+  chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
 Both run on the same bank and queries in one process; the table gives queries per second
@@ -40,12 +42,24 @@ def timed(fn, repeats):
   return out, float(np.median(times))
 
 
+def processor() -> str:
+  """The CPU's model name (timings differ by about 2x between the project's machine kinds)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return 'unknown processor'
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=1_281_167)
   p.add_argument('--d', type=int, default=128)
   p.add_argument('--q', type=int, default=2048)
-  p.add_argument('--k', type=int, default=30)
+  p.add_argument('--k', default='30,200', help='K values, comma-separated')
   p.add_argument('--classes', type=int, default=1000)
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
@@ -72,43 +86,50 @@ def main(argv=None):
   dev_bank = jax.device_put(bank, mesh_lib.row_sharding(mesh))
   dev_labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
 
-  def ours(dtype):
-    return lambda: knn.knn_classify(queries, dev_bank, dev_labels, k=args.k, sigma=sigma,
+  def ours(k, dtype, method='auto'):
+    return lambda: knn.knn_classify(queries, dev_bank, dev_labels, k=k, sigma=sigma,
                                     num_classes=args.classes, mesh=mesh,
-                                    batch_size=args.batch_size, matmul_dtype=dtype)
+                                    batch_size=args.batch_size, matmul_dtype=dtype,
+                                    method=method)
 
-  def ours_neighbors(dtype):
+  def ours_neighbors(k, dtype, method):
     out = []
     for s in range(0, args.q, args.batch_size):
       q = jax.device_put(queries[s:s + args.batch_size], mesh_lib.replicated(mesh))
-      out.append(np.asarray(knn.top_k_neighbors(q, dev_bank, dev_labels, k=args.k,
-                                                mesh=mesh, matmul_dtype=dtype)[1]))
+      out.append(np.asarray(knn.top_k_neighbors(q, dev_bank, dev_labels, k=k, mesh=mesh,
+                                                matmul_dtype=dtype, method=method)[1]))
     return np.concatenate(out)
 
   faiss.omp_set_num_threads(os.cpu_count())
   index = faiss.IndexFlatIP(args.d)
   index.add(bank)
 
-  def with_faiss():
-    sims, idx = index.search(queries, args.k)
-    w = np.exp((sims - sims[:, :1]) / sigma)
-    scores = np.zeros((args.q, args.classes), np.float32)
-    np.add.at(scores, (np.arange(args.q)[:, None], labels[idx]), w)
-    return scores, idx
+  def with_faiss(k):
+    def run():
+      sims, idx = index.search(queries, k)
+      w = np.exp((sims - sims[:, :1]) / sigma)
+      scores = np.zeros((args.q, args.classes), np.float32)
+      np.add.at(scores, (np.arange(args.q)[:, None], labels[idx]), w)
+      return scores, idx
+    return run
 
-  (faiss_scores, faiss_idx), t_faiss = timed(with_faiss, args.repeats)
-  print(f'weighted kNN, K={args.k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
-        f'CPU x{os.cpu_count()}, median of {args.repeats}')
-  print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
-        f"{'top-K overlap':>15s}{'same class':>12s}")
-  print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
-  for name, dtype in (('ours', np.float32), ('ours_bf16', jax.numpy.bfloat16)):
-    scores, t = timed(ours(dtype), args.repeats)
-    idx = ours_neighbors(dtype)
-    overlap = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(idx, faiss_idx)])
-    same = np.mean(np.argmax(scores, 1) == np.argmax(faiss_scores, 1))
-    print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
-          f"{100 * same:11.2f}%")
+  for k in [int(v) for v in args.k.split(',')]:
+    (faiss_scores, faiss_idx), t_faiss = timed(with_faiss(k), args.repeats)
+    print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
+          f'CPU x{os.cpu_count()} ({processor()}), median of {args.repeats}')
+    print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
+          f"{'top-K overlap':>15s}{'same class':>12s}")
+    print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
+    for name, dtype, method in (('ours', np.float32, 'auto'),
+                                ('ours_bf16', jax.numpy.bfloat16, 'auto'),
+                                ('chunked', np.float32, 'chunked')):
+      scores, t = timed(ours(k, dtype, method), args.repeats)
+      idx = ours_neighbors(k, dtype, method)
+      overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, faiss_idx)])
+      same = np.mean(np.argmax(scores, 1) == np.argmax(faiss_scores, 1))
+      print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
+            f"{100 * same:11.2f}%")
+    print()
 
 
 if __name__ == '__main__':

@@ -3,10 +3,11 @@
 For each query q, the K bank rows of highest cosine similarity (dot product) vote for their
 label with weight exp(sim / sigma); the class scores are the summed votes.
 
-The search runs inside `jax.shard_map`: each device scores the queries against its own rows of
-the bank, chunk by chunk, keeping a running top K; only the (Q, K) candidates of each device are
-gathered and merged. No device ever holds the (Q, N) score matrix, or even its own (Q, N / d)
-share. Rows with a negative label are padding and never selected.
+The search runs inside `jax.shard_map`: each device finds the top K among its own rows of the
+bank (on CPUs in two passes over blocks of rows, `_blocked_top_k`; elsewhere chunk by chunk
+with a running top K, `_local_top_k`); only the (Q, K) candidates of each device are gathered
+and merged. No device ever holds the (Q, N) score matrix, or even its own (Q, N / d) share.
+Rows with a negative label are padding and never selected.
 """
 
 import functools
@@ -57,15 +58,109 @@ def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
   return bank_lib.scan_chunks(fold, init, (bank, labels), chunk)
 
 
+# The blocked search (`_blocked_top_k`): bank rows in blocks of BLOCK (SMALL_BLOCK where k is
+# over 64: the rescoring gathers k blocks), scored in tiles of about TILE_BYTES of float32
+# scores (in cache), selected among GROUP_BLOCKS block maxima at a time. On the 2-core Intel
+# Xeon, Q = 2,048 against 1,281,167 rows: K = 30 took 3.45 s with blocks of 32, 3.70 s with 16;
+# K = 200 10.6 s with 32, 6.4 s with 16, 7.1 s with 8.
+BLOCK = 32
+SMALL_BLOCK = 16
+TILE_BYTES = 2 ** 24
+GROUP_BLOCKS = 8192
+RESCORE_BYTES = 2 ** 26           # the candidate rows gathered for a tile of queries
+
+
+def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
+  """This device's k best rows for every query, in two passes, exactly:
+    1. every block's maximum score: the k best entries lie in at most k blocks, and those are
+       among the k blocks with the highest maxima (a block's maximum is one of its entries).
+       The scores are made tile by tile and reduced to block maxima while in cache; a running
+       top k of blocks is kept, selected from GROUP_BLOCKS maxima at a time, so memory does
+       not grow with the bank.
+    2. the k best blocks' rows (and the rows after the last whole block) scored again, their
+       top k taken.
+  Rows with a negative label never count."""
+  rows, dim = bank.shape
+  nq = q.shape[0]
+  block = BLOCK if k <= 64 else SMALL_BLOCK
+  full = rows // block * block
+  q = q.astype(matmul_dtype)
+  chunk = min(full, max(block, TILE_BYTES // (4 * nq) // block * block))
+  if full // chunk * chunk < k * block:         # a group must hold at least k blocks
+    chunk = block
+  group = min(full // chunk, max(-(-k * block // chunk), GROUP_BLOCKS * block // chunk)) * chunk
+
+  def block_maxima(scores_rows, scores_labels):
+    sims = jnp.einsum('qd,cd->qc', q, scores_rows.astype(matmul_dtype),
+                      preferred_element_type=jnp.float32)
+    sims = jnp.where(scores_labels[None, :] >= 0, sims, -jnp.inf)
+    return jnp.max(sims.reshape(nq, -1, block), axis=2)               # (Q, chunk / block)
+
+  def fold(best, first, fresh, g_rows, g_labels):
+    g_labels = jnp.where(fresh, g_labels, -1)             # rows of the group before: done
+    maxima = jax.lax.map(lambda a: block_maxima(*a),
+                         (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
+    maxima = jnp.moveaxis(maxima, 0, 1).reshape(nq, group // block)
+    vals, ids = jax.lax.top_k(maxima, k)
+    vals = jnp.concatenate([best[0], vals], axis=1)
+    ids = jnp.concatenate([best[1], ids + first[0] // block], axis=1)
+    vals, pick = jax.lax.top_k(vals, k)
+    return vals, jnp.take_along_axis(ids, pick, axis=1)
+
+  init = (jnp.full((nq, k), -jnp.inf), jnp.zeros((nq, k), jnp.int32))
+  _, best_blocks = bank_lib.scan_chunks(fold, init, (bank[:full], labels[:full]), group)
+
+  blocks = bank[:full].reshape(full // block, block, dim)
+  block_labels = labels[:full].reshape(full // block, block)
+  tail_rows, tail_labels = bank[full:].astype(matmul_dtype), labels[full:]
+  tile = max(1, min(nq, RESCORE_BYTES // (k * block * dim * 4)))
+  padded = -(-nq // tile) * tile
+
+  def rescore(args):
+    qt, bt = args                                                      # (T, D), (T, k)
+    cand = blocks[bt].astype(matmul_dtype)                             # (T, k, block, D)
+    sims = jnp.einsum('td,tkjd->tkj', qt, cand, preferred_element_type=jnp.float32)
+    sims = jnp.where(block_labels[bt] >= 0, sims, -jnp.inf).reshape(qt.shape[0], -1)
+    ids = (bt[:, :, None] * block + jnp.arange(block)).reshape(qt.shape[0], -1)
+    tail = jnp.einsum('td,cd->tc', qt, tail_rows, preferred_element_type=jnp.float32)
+    sims = jnp.concatenate([sims, jnp.where(tail_labels[None, :] >= 0, tail, -jnp.inf)], 1)
+    ids = jnp.concatenate([ids, jnp.broadcast_to(full + jnp.arange(rows - full),
+                                                 (qt.shape[0], rows - full))], 1)
+    vals, pick = jax.lax.top_k(sims, k)
+    return vals, jnp.take_along_axis(ids, pick, axis=1).astype(jnp.int32)
+
+  qs = jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim)
+  bs = jnp.pad(best_blocks, ((0, padded - nq), (0, 0))).reshape(-1, tile, k)
+  vals, idx = jax.lax.map(rescore, (qs, bs))
+  return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+
+
+def _search(q, bank, labels, *, k, chunk, matmul_dtype, method):
+  """This device's k best rows: the blocked search ('blocked'), or the chunked one
+  ('chunked'); 'auto' takes the blocked one on CPUs where the device holds at least k blocks
+  of rows (accelerators keep the chunked one, whose few large products suit them, until the
+  blocked one is timed there)."""
+  k = min(k, bank.shape[0])
+  if method not in ('auto', 'blocked', 'chunked'):
+    raise ValueError(f"kNN method {method!r}: use 'auto', 'blocked' or 'chunked'")
+  if method == 'blocked' or (method == 'auto' and bank.shape[0] // BLOCK >= k
+                             and jax.default_backend() == 'cpu'):
+    return _blocked_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
+  return _local_top_k(q, bank, labels, k=k, chunk=chunk, matmul_dtype=matmul_dtype)
+
+
 def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
-                    matmul_dtype=jnp.float32):
+                    matmul_dtype=jnp.float32, method='auto'):
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
   (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh.
   `matmul_dtype=jnp.bfloat16` scores in bfloat16 (float32 accumulation): faster, and the
-  neighbours can differ where similarities nearly tie."""
+  neighbours can differ where similarities nearly tie. `method`: 'blocked' (two passes over
+  blocks of rows, `_blocked_top_k`), 'chunked' (a running top k over chunks, `_local_top_k`),
+  or 'auto' (blocked on CPUs where a device holds at least k blocks of rows)."""
 
   def per_device(q, b, l):
-    vals, idx = _local_top_k(q, b, l, k=k, chunk=chunk_size, matmul_dtype=matmul_dtype)
+    vals, idx = _search(q, b, l, k=k, chunk=chunk_size, matmul_dtype=matmul_dtype,
+                        method=method)
     cands = (vals, idx + jax.lax.axis_index(mesh_lib.DATA) * b.shape[0], l[idx])
     vals, idx, labels = (jax.lax.all_gather(x, mesh_lib.DATA, axis=1, tiled=True)
                          for x in cands)                          # (Q, k x devices)
@@ -90,15 +185,16 @@ def vote(sims, labels, *, sigma, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'sigma', 'num_classes', 'mesh',
-                                             'matmul_dtype'))
-def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh, matmul_dtype):
+                                             'matmul_dtype', 'method'))
+def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh, matmul_dtype,
+                    method):
   sims, _, labels = top_k_neighbors(queries, bank, bank_labels, k=k, mesh=mesh,
-                                    matmul_dtype=matmul_dtype)
+                                    matmul_dtype=matmul_dtype, method=method)
   return vote(sims, labels, sigma=sigma, num_classes=num_classes)
 
 
 def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, mesh=None,
-                 batch_size=1024, matmul_dtype=jnp.float32):
+                 batch_size=1024, matmul_dtype=jnp.float32, method='auto'):
   """Weighted kNN class scores (Q, num_classes) as a numpy array.
 
   Queries are processed `batch_size` at a time, so memory stays O(batch_size x N / devices).
@@ -117,7 +213,7 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
     q = distributed.put_global(q, mesh_lib.replicated(mesh))
     scores = _classify_batch(q, bank, bank_labels, k=k, sigma=float(sigma),
                              num_classes=num_classes, mesh=mesh,
-                             matmul_dtype=jnp.dtype(matmul_dtype))
+                             matmul_dtype=jnp.dtype(matmul_dtype), method=method)
     out.append(distributed.to_host(scores)[:n])
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 

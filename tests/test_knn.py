@@ -100,6 +100,37 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
   assert np.array_equal(np.asarray(idx), want)
 
 
+@pytest.mark.parametrize('k,num_devices,method', [(1, 2, 'auto'), (30, 2, 'auto'),
+                                                   (200, 1, 'blocked'), (1000, 2, 'auto'),
+                                                   (30, 8, 'chunked')])
+def test_blocked_search_is_exact(monkeypatch, k, num_devices, method):
+  """The two-pass blocked search against brute force, K from 1 to 1,000: a bank that no block,
+  tile or group divides (the rows after the last whole block scored directly, the last group
+  overlapping the one before), padding rows equal to a query (never returned), query tiles of
+  the rescoring that do not divide the queries."""
+  monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 7 * 96)          # tiles of 96 rows
+  monkeypatch.setattr(knn, 'GROUP_BLOCKS', 5)
+  monkeypatch.setattr(knn, 'RESCORE_BYTES', 3 * k * knn.BLOCK * 16 * 4)   # a few queries a tile
+  q, bank, labels, _ = problem(5, Q=7, N=70001, D=16)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank) + 40 * num_devices
+  per = (len(bank) + pad) // num_devices
+  block = knn.BLOCK if k <= 64 else knn.SMALL_BLOCK
+  assert per % block
+  if per // block * block < len(bank):           # the first device's rows after its last block
+    bank[per // block * block] = q[1]
+  bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
+  sims, idx, lab = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method=method)
+  scores = q @ bank.T
+  want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  assert np.array_equal(np.asarray(idx), want)
+  assert np.array_equal(np.asarray(lab), labels[want])
+  np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(scores, want, 1), rtol=1e-5)
+
+
 def test_a_database_is_counted_once(monkeypatch):
   """Its size (the rows but the padding ones) is counted where the labels live, once however
   often the evaluators ask: a sharded bank's count is a device computation and a host sync."""
