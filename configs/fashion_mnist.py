@@ -5,7 +5,11 @@
 Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default. The
 paper's experiments (RESULTS.md) take options after a colon, comma-separated:
 
-    configs/fashion_mnist.py:softmax        the softmax baseline (same network and schedule)
+    configs/fashion_mnist.py:softmax        the paper's softmax baseline: the same network and
+                                            schedule, its classifier on the pooled features (no
+                                            embedding layer), evaluated on those features
+    configs/fashion_mnist.py:softmax_embedding   a variant: the classifier on a 128-d linear
+                                            layer added after the pooling, which it embeds with
     configs/fashion_mnist.py:coarse         trained on 4 coarse classes (COARSE), evaluated
                                             also on the 10 fine ones (sub-category discovery)
     configs/fashion_mnist.py:novel          trained on classes 0-4, evaluated also on 5-9
@@ -24,15 +28,18 @@ TRAIN_CLASSES = (0, 1, 2, 3, 4)     # 'novel': T-shirt/top, Trouser, Pullover, D
 
 def get_config(options: str = ''):
   options = [o for o in options.split(',') if o]
-  unknown = set(options) - {'nca', 'softmax', 'coarse', 'novel'}
+  unknown = set(options) - {'nca', 'softmax', 'softmax_embedding', 'coarse', 'novel'}
   if unknown:
-    raise ValueError(f'config options {sorted(unknown)}: use nca, softmax, coarse, novel')
+    raise ValueError(f'config options {sorted(unknown)}: use nca, softmax, softmax_embedding, '
+                     f'coarse, novel')
   c = schema.default_config()    # every field and its default: this recipe, but for
   # one reading thread: the demo's batches (28x28 arrays in memory, batched numpy) cost little
   # to make, and the cores are the network's.
   c.data.num_threads, c.data.worker_count = 1, 0
-  if 'softmax' in options:
+  if 'softmax' in options or 'softmax_embedding' in options:
     c.loss = 'softmax'
+  if 'softmax' in options:
+    c.low_dim = 0                # the pooled features, L2-normalised, as the NCA ones are
   if 'coarse' in options:
     c.data.label_map, c.data.num_classes = COARSE, len(COARSE_NAMES)
   if 'novel' in options:

@@ -126,7 +126,8 @@ class ResNet(nn.Module):
   Attributes:
     stage_sizes: blocks per stage.
     block_cls: BasicBlock or Bottleneck.
-    low_dim: embedding size.
+    low_dim: embedding size; 0: no embedding layer, the embedding is the pooled feature (the
+      paper's softmax baseline: its classifier on the pooled features).
     widths: channels of each stage (before the bottleneck expansion).
     stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
     stem_width: channels of the stem convolution.
@@ -134,9 +135,9 @@ class ResNet(nn.Module):
     init_scheme: 'torchvision' or 'pytorch' (see INITS).
     bn_groups: BatchNorm statistics over this many equal parts of the batch (1: the whole
       batch; the device count: per device, as the original's DataParallel).
-    num_classes: with > 0, a linear classifier on the `low_dim` layer (the softmax baseline),
-      whose logits are sown as 'intermediates'/'logits'; the embedding stays that layer,
-      L2-normalised.
+    num_classes: with > 0, a linear classifier on the `low_dim` layer (or with low_dim = 0 on
+      the pooled features: the paper's softmax baseline), whose logits are sown as
+      'intermediates'/'logits'; the embedding stays that layer, L2-normalised.
   """
   stage_sizes: Sequence[int]
   block_cls: Any
@@ -185,8 +186,9 @@ class ResNet(nn.Module):
       dense = dict(kernel_init=_torch_uniform,
                    bias_init=lambda key, shape, dtype: jax.random.uniform(
                        key, shape, dtype, -bound, bound))
-    x = nn.Dense(self.low_dim, dtype=self.dtype, param_dtype=jnp.float32, name='head',
-                 **dense)(x)
+    if self.low_dim:
+      x = nn.Dense(self.low_dim, dtype=self.dtype, param_dtype=jnp.float32, name='head',
+                   **dense)(x)
     if self.num_classes:     # the softmax baseline's classifier, on the layer it embeds with
       logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=jnp.float32,
                         name='classifier')(x)
@@ -230,6 +232,15 @@ MODELS['tiny_resnet'] = functools.partial(
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def embedding_dim(config) -> int:
+  """The size of a run's embedding (and bank rows): `low_dim`, or where it is 0 the width of
+  the network's pooled features."""
+  if config.low_dim:
+    return config.low_dim
+  model = create_model(config.model)
+  return model.widths[-1] * model.block_cls.expansion
 
 
 def model_from_config(config, num_devices: int = 1) -> ResNet:

@@ -24,7 +24,7 @@ RUN_FACTS = ('num_examples', 'epoch_evaluated', 'monitor_value', 'converted')
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'small_resnet'
-  c.low_dim = 128
+  c.low_dim = 128               # embedding size; 0 = the pooled features (the softmax baseline)
   c.dtype = 'float32'
   c.model_init = 'torchvision'  # or 'pytorch' (PyTorch's defaults, the original's CIFAR net)
   c.bn_per_device = False       # True: BatchNorm statistics per device, as DataParallel's

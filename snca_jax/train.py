@@ -111,7 +111,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, steps_per_epoch)
   abstract = state_lib.abstract_train_state(
-      model, tx, image_shape=sources.image_shape(config.data), low_dim=config.low_dim,
+      model, tx, image_shape=sources.image_shape(config.data), low_dim=models.embedding_dim(config),
       num_examples=num_examples, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir),
@@ -126,7 +126,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_labels(bank_labels, config.data.num_classes, f'{config.data.name} train split')
     state = state_lib.create_train_state(
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
-        image_shape=sources.image_shape(config.data), low_dim=config.low_dim, mesh=mesh)
+        image_shape=sources.image_shape(config.data), low_dim=models.embedding_dim(config), mesh=mesh)
 
   train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                         shardings=shardings, mesh=mesh)

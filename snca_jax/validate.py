@@ -68,7 +68,7 @@ def problems(config) -> list[str]:
 
   d = config.data
   one_of('model', config.model, sorted(models.MODELS))
-  count('low_dim', config.low_dim)
+  count('low_dim', config.low_dim, low=0)    # 0: the pooled features, no embedding layer
   one_of('dtype', config.dtype, sorted(models.DTYPES))
   one_of('model_init', config.model_init, models.INITS)
   one_of('monitor', config.monitor, ('1nn', 'knn'))

@@ -62,16 +62,17 @@ def test_views_of_a_split(fake_data_config):
 
 
 def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_path):
-  config = tiny(fake_data_config, num_epochs=1, loss='softmax')
+  config = tiny(fake_data_config, num_epochs=1, loss='softmax', low_dim=0)   # the paper's
   config.data.label_map, config.data.num_classes = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2), 4
   workdir = str(tmp_path / 'w')
   state = train.train_and_evaluate(config, workdir)
-  assert 'classifier' in state.params
+  assert 'classifier' in state.params and 'head' not in state.params   # on the pooled features
   norms = np.linalg.norm(np.asarray(state.bank)[:96], axis=1)     # never written: no row
   assert not np.any(np.isclose(norms, 1.0, atol=1e-5))             # was normalised
   result = evaluate.evaluate_checkpoint(workdir, neighbours=3, export_dir=str(tmp_path / 'x'))
   assert result['database'] == 'recomputed'
   exported = {f: np.load(tmp_path / 'x' / f) for f in os.listdir(tmp_path / 'x')}
+  assert exported['database.npy'].shape[1] == 16              # tiny_resnet's pooled width
   # Sub-categories: the same embeddings, searched with their fine labels.
   fine = lambda split: sources.read_labels(sources.open_source(config.data, split, 'fine'))
   np.testing.assert_array_equal(exported['query_labels.npy'],

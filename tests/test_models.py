@@ -119,3 +119,34 @@ def test_batchnorm_statistics_in_the_compute_dtype_is_a_switch():
   assert np.all(np.isfinite(np.asarray(out[False])))
   assert not np.array_equal(np.asarray(out[True]), np.asarray(out[False]))
   np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), atol=0.1)
+
+
+def test_softmax_baseline_embeds_with_its_pooled_features():
+  """low_dim = 0 (configs/fashion_mnist.py:softmax, the paper's baseline): no embedding layer;
+  the classifier sits on the pooled features, and the embedding is those features,
+  L2-normalised, as the NCA embedding is its layer's."""
+  from configs import fashion_mnist
+  config = fashion_mnist.get_config('softmax')
+  assert config.loss == 'softmax' and config.low_dim == 0
+  assert models.embedding_dim(config) == 64                      # small_resnet's last stage
+  assert models.embedding_dim(fashion_mnist.get_config('softmax_embedding')) == 128
+  model = models.model_from_config(config)
+  x = jax.random.normal(jax.random.key(0), (6, 28, 28, 1))
+  variables = model.init(jax.random.key(1), x, train=False)
+  assert 'head' not in variables['params']
+  assert variables['params']['classifier']['kernel'].shape == (64, 10)
+  emb, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  logits = state['intermediates']['logits'][0]
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, rtol=1e-5)
+  # The same backbone without the classifier gives the same embedding, and the logits are
+  # the classifier applied to a positive multiple of it: the pooled features themselves.
+  backbone = models.create_model(config.model, low_dim=0)
+  params = {k: v for k, v in variables['params'].items() if k != 'classifier'}
+  same = backbone.apply({**variables, 'params': params}, x, train=False)
+  np.testing.assert_allclose(np.asarray(same), np.asarray(emb), rtol=1e-5, atol=1e-6)
+  w, b = (np.asarray(variables['params']['classifier'][k]) for k in ('kernel', 'bias'))
+  centred, direction = np.asarray(logits) - b, np.asarray(emb) @ w
+  scale = np.sum(centred * direction, axis=1) / np.sum(direction * direction, axis=1)
+  assert np.all(scale > 0)
+  np.testing.assert_allclose(centred, scale[:, None] * direction,
+                             atol=1e-4 * np.abs(centred).max())
