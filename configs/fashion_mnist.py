@@ -14,6 +14,7 @@ paper's experiments (RESULTS.md) take options after a colon, comma-separated:
                                             also on the 10 fine ones (sub-category discovery)
     configs/fashion_mnist.py:novel          trained on classes 0-4, evaluated also on 5-9
                                             (novel classes: few-shot episodes)
+    configs/fashion_mnist.py:novel_rotated  the split rotated: trained on 5-9, novel 0-4
     configs/fashion_mnist.py:softmax,coarse and so on.
 """
 
@@ -24,14 +25,16 @@ from snca_jax import schema
 COARSE = (0, 1, 0, 1, 0, 2, 0, 2, 3, 2)
 COARSE_NAMES = ('tops', 'bottoms and dresses', 'footwear', 'bags')
 TRAIN_CLASSES = (0, 1, 2, 3, 4)     # 'novel': T-shirt/top, Trouser, Pullover, Dress, Coat
+TRAIN_CLASSES_ROTATED = (5, 6, 7, 8, 9)  # 'novel_rotated': Sandal, Shirt, Sneaker, Bag, Ankle boot
 
 
 def get_config(options: str = ''):
   options = [o for o in options.split(',') if o]
-  unknown = set(options) - {'nca', 'softmax', 'softmax_embedding', 'coarse', 'novel'}
+  unknown = set(options) - {'nca', 'softmax', 'softmax_embedding', 'coarse', 'novel',
+                            'novel_rotated'}
   if unknown:
     raise ValueError(f'config options {sorted(unknown)}: use nca, softmax, softmax_embedding, '
-                     f'coarse, novel')
+                     f'coarse, novel, novel_rotated')
   c = schema.default_config()    # every field and its default: this recipe, but for
   # one reading thread: the demo's batches (28x28 arrays in memory, batched numpy) cost little
   # to make, and the cores are the network's.
@@ -44,4 +47,6 @@ def get_config(options: str = ''):
     c.data.label_map, c.data.num_classes = COARSE, len(COARSE_NAMES)
   if 'novel' in options:
     c.data.train_classes = TRAIN_CLASSES
+  if 'novel_rotated' in options:
+    c.data.train_classes = TRAIN_CLASSES_ROTATED
   return c

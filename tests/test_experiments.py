@@ -148,3 +148,45 @@ def test_cifar100_superclasses_from_the_records(tfds_mock, tmp_path):
   np.testing.assert_array_equal([r['label'] for r in trained.__getitems__(range(3))],
                                 [r['coarse_label'] for r in records[:3]])
   assert config.data.num_classes == 20
+
+
+def test_experiments_over_seeds_write_means_spreads_and_findings(fake_data_config, tmp_path):
+  """experiments.py end to end on the fake data, tiny: every model of each chosen experiment
+  for each seed, then results.md with means, deviations and the NCA - softmax column,
+  results.json with every run, results.png."""
+  import json
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / 'runs'
+  cmd = [sys.executable, 'experiments.py', f'--workdir={workdir}', '--only=knn,fewshot_rotated',
+         '--seeds=0,1', '--epochs=1', f'--idx_dir={fake_data_config.data.idx_dir}',
+         f'--data_dir={fake_data_config.data.data_dir}']
+  for item in ('model=tiny_resnet', 'batch_size=16', 'knn.batch_size=16',
+               'log_every_steps=100', 'keep_best=False'):
+    cmd.append(f'--override={item}')
+  r = subprocess.run(cmd, cwd=root, env=subprocess_env(None), capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  runs = json.load(open(workdir / 'results.json'))['runs']
+  assert sorted(runs) == sorted(
+      [f'knn/{m}/{s}' for m in ('nca', 'softmax', 'softmax_embedding', 'nca_bank')
+       for s in (0, 1)] + [f'fewshot_rotated/{m}/{s}' for m in ('nca', 'softmax')
+                           for s in (0, 1)])
+  table = open(workdir / 'results.md').read()
+  top1 = [runs[f'knn/nca/{s}']['top1'] for s in (0, 1)]
+  want = f'{100 * np.mean(top1):.2f}% +- {100 * np.std(top1, ddof=1):.2f}'
+  row = next(line for line in table.splitlines() if line.startswith('| kNN top-1, all classes |'))
+  assert want in row and ('(finding)' in row or '(within the spread)' in row)
+  assert 'novel classes 0-4 (rotated), 3-way 5-shot, nearest class mean' in table
+  assert '2 seeds (0, 1)' in table and (workdir / 'results.png').exists()
+  # The baseline embeds with its pooled features (tiny_resnet: 16 channels), the variant with
+  # its 16-d layer; both runs' configs say so.
+  from snca_jax import checkpoint
+  def saved_config(model):
+    mngr = checkpoint.manager(checkpoint.checkpoint_dir(str(workdir / f'knn-{model}-seed0')),
+                              read_only=True)
+    return checkpoint.read_config(mngr, mngr.latest_step())[0]
+  configs = {m: saved_config(m) for m in ('softmax', 'softmax_embedding')}
+  assert configs['softmax'].low_dim == 0 and configs['softmax_embedding'].low_dim == 128
