@@ -45,13 +45,21 @@ data:
 	  echo "dataset-fashion-mnist could not be installed: the IDX files will be downloaded"; \
 	fi
 
+# The CPU as one JAX device per core, each running XLA single-threaded: the demo's small
+# convolutions keep two cores busier as two data-parallel devices than as one device of two
+# threads (README, "The demo", for the times with and without). Anything already in XLA_FLAGS
+# comes after, so it wins; `make demo CPU_DEVICES=` turns this off.
+CPU_DEVICES ?= --xla_force_host_platform_device_count=$(shell nproc) \
+  --xla_cpu_multi_thread_eigen=false
+RUN_CPU := XLA_FLAGS="$(CPU_DEVICES) $$XLA_FLAGS"
+
 demo: $(STAMP) data
-	$(BIN)/python train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
-	$(BIN)/python eval_knn.py --workdir $(WORKDIR)
+	$(RUN_CPU) $(BIN)/python train.py --config configs/fashion_mnist.py --workdir $(WORKDIR)
+	$(RUN_CPU) $(BIN)/python eval_knn.py --workdir $(WORKDIR)
 
 # The paper's claims on Fashion-MNIST, NCA beside softmax: runs/experiments/results.{md,png}.
 experiments: $(STAMP) data
-	$(BIN)/python experiments.py --workdir runs/experiments
+	$(RUN_CPU) $(BIN)/python experiments.py --workdir runs/experiments
 
 $(TEST_STAMP): $(STAMP) requirements-test.txt
 	$(BIN)/pip install -q -r requirements-test.txt
