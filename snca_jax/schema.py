@@ -54,9 +54,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.reduced_decode = True  # let libjpeg decode large JPEGs at 1/2-1/8 scale when cropping
   # Readers of training and evaluation batches, derived from the cores of each process where
   # 0 and -1 (snca_jax.data.pipeline.readers): threads on up to 4 cores (on 2, a whole epoch
-  # read at 0.84-0.86 of 2 x one core's transform rate; grain's worker processes, which copy
-  # every batch back, at 0.72: benchmarks/input_pipeline.py --end_to_end), worker processes of
-  # 4 threads on more. An explicit value stands.
+  # read at 0.81-0.86 of 2 x one core's transform rate; grain's worker processes, which copy
+  # every batch back, at 0.60-0.70: benchmarks/input_pipeline.py --end_to_end), worker
+  # processes of 2 threads on more. An explicit value stands.
   c.data.num_threads = 0        # threads in each reading process; 0 = from the cores
   c.data.worker_count = -1      # grain worker processes; -1 = from the cores, 0 = none
 
