@@ -42,18 +42,6 @@ def timed(fn, repeats):
   return out, float(np.median(times))
 
 
-def processor() -> str:
-  """The CPU's model name (timings differ by about 2x between the project's machine kinds)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('model name'):
-          return line.split(':', 1)[1].strip()
-  except OSError:
-    pass
-  return 'unknown processor'
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=1_281_167)
@@ -72,6 +60,7 @@ def main(argv=None):
 
   import faiss
   import jax
+  from snca_jax import distributed
   from snca_jax import knn
   from snca_jax import mesh as mesh_lib
 
@@ -116,7 +105,7 @@ def main(argv=None):
   for k in [int(v) for v in args.k.split(',')]:
     (faiss_scores, faiss_idx), t_faiss = timed(with_faiss(k), args.repeats)
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
-          f'CPU x{os.cpu_count()} ({processor()}), median of {args.repeats}')
+          f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}')
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
     print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")

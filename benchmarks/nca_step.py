@@ -194,9 +194,11 @@ def main(argv=None):
   if args.smoke:
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   bank_mb = args.n * args.d * 4 / 2**20
+  sys.path.insert(0, ROOT)
+  from snca_jax import distributed
   print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, JAX on its default backend, CPU '
-        f'x{os.cpu_count()}, median of {args.repeats}; bank = {bank_mb:.0f} MB (peak MB: '
-        f'host memory)')
+        f'x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; bank = '
+        f'{bank_mb:.0f} MB (peak MB: host memory)')
   results, failed = {}, []
   for v in args.variants.split(','):
     cmd = [sys.executable, __file__, '--run', v, '--n', str(args.n), '--b', str(args.b),

@@ -249,9 +249,10 @@ def main(argv=None):
     name, size, n_bank = 'tiny_resnet', 32, 1_000
   if args.smoke:
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
+  from snca_jax import distributed
   print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}, bank of {n_bank:,} rows; '
-        f'{len(jax.devices())} x {device.device_kind}; best of {args.repeats} runs of '
-        f'{args.steps} steps')
+        f'{len(jax.devices())} x {device.device_kind} ({distributed.processor()}); best of '
+        f'{args.repeats} runs of {args.steps} steps')
   run_full, run_resnet, flops = ours(args, name, size, dtype, n_bank)
   t_full = timed(run_full, args.steps, args.repeats)
   t_resnet = timed(run_resnet, args.steps, args.repeats)
