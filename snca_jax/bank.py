@@ -75,14 +75,15 @@ def place(bank, bank_labels, mesh):
   return put(bank), put(bank_labels)
 
 
-def scan_chunks(fold, init, arrays, chunk: int):
+def scan_chunks(fold, init, arrays, chunk: int, total: int | None = None):
   """Folds `fold(carry, rows, fresh, *chunks) -> carry` over the rows of `arrays` (each split
   along its leading axis, of the same length), `chunk` rows at a time, inside a `lax.scan`:
   peak memory grows with the chunk, not with the bank. `rows` (chunk,) are the chunk's row
   indices; where `chunk` does not divide the rows, the last chunk overlaps the one before it
   (so the bank needs no padding per chunk), and `fresh` (chunk,) is False on the rows that were
-  already folded. The NCA kernel and the kNN search both walk a device's bank this way."""
-  total = arrays[0].shape[0]
+  already folded. The NCA kernel and the kNN search both walk a device's bank this way.
+  `total` folds only the leading rows (default: all), without copying them out."""
+  total = arrays[0].shape[0] if total is None else total
   chunk = min(chunk, total)
 
   def body(carry, c):

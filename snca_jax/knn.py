@@ -108,20 +108,19 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     return vals, jnp.take_along_axis(ids, pick, axis=1)
 
   init = (jnp.full((nq, k), -jnp.inf), jnp.zeros((nq, k), jnp.int32))
-  _, best_blocks = bank_lib.scan_chunks(fold, init, (bank[:full], labels[:full]), group)
+  _, best_blocks = bank_lib.scan_chunks(fold, init, (bank, labels), group, total=full)
 
-  blocks = bank[:full].reshape(full // block, block, dim)
-  block_labels = labels[:full].reshape(full // block, block)
   tail_rows, tail_labels = bank[full:].astype(matmul_dtype), labels[full:]
   tile = max(1, min(nq, RESCORE_BYTES // (k * block * dim * 4)))
   padded = -(-nq // tile) * tile
 
   def rescore(args):
     qt, bt = args                                                      # (T, D), (T, k)
-    cand = blocks[bt].astype(matmul_dtype)                             # (T, k, block, D)
+    ids = bt[:, :, None] * block + jnp.arange(block)                   # (T, k, block)
+    cand = bank[ids].astype(matmul_dtype)                              # (T, k, block, D)
     sims = jnp.einsum('td,tkjd->tkj', qt, cand, preferred_element_type=jnp.float32)
-    sims = jnp.where(block_labels[bt] >= 0, sims, -jnp.inf).reshape(qt.shape[0], -1)
-    ids = (bt[:, :, None] * block + jnp.arange(block)).reshape(qt.shape[0], -1)
+    sims = jnp.where(labels[ids] >= 0, sims, -jnp.inf).reshape(qt.shape[0], -1)
+    ids = ids.reshape(qt.shape[0], -1)
     tail = jnp.einsum('td,cd->tc', qt, tail_rows, preferred_element_type=jnp.float32)
     sims = jnp.concatenate([sims, jnp.where(tail_labels[None, :] >= 0, tail, -jnp.inf)], 1)
     ids = jnp.concatenate([ids, jnp.broadcast_to(full + jnp.arange(rows - full),
