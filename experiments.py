@@ -9,8 +9,8 @@ with the paper's softmax baseline (`:softmax`, the same backbone with its classi
 pooled features, evaluated on those features), and for all classes also the softmax variant
 that embeds with an added 128-d layer (`:softmax_embedding`); evaluates every run the same
 way; and writes into the workdir `results.md` (each metric's mean and standard deviation
-over the seeds, and NCA's difference from the baseline, called a finding only where it
-exceeds twice its standard error), `results.json` (every run's figures) and `results.png`:
+over the seeds, and NCA's difference from the baseline, called a finding only where Welch's
+t-test over the seeds gives p < 0.05), `results.json` (every run's figures) and `results.png`:
   knn              all 10 classes; weighted kNN (K=30) top-1 against the training set
                    embedded again (and, for NCA, against its bank)
   subcategory      trained on 4 coarse classes (configs/fashion_mnist.py COARSE), weighted kNN
@@ -79,12 +79,16 @@ def summary(values):
 
 
 def difference(a, b):
-  """NCA's mean minus the baseline's, and whether it exceeds twice its standard error."""
+  """NCA's mean minus the baseline's, and Welch's two-sided t-test p-value for it (None for a
+  single seed): a finding where p < 0.05, the difference beyond the seed-to-seed spread."""
   (ma, sa, na), (mb, sb, nb) = a, b
   diff = ma - mb
   if sa is None or sb is None:
     return diff, None
-  return diff, abs(diff) > 2 * np.sqrt(sa ** 2 / na + sb ** 2 / nb)
+  if sa == 0 and sb == 0:
+    return diff, 0.0 if diff else 1.0
+  from scipy import stats
+  return diff, float(stats.ttest_ind_from_stats(ma, sa, na, mb, sb, nb, equal_var=False).pvalue)
 
 
 def table(runs, chosen):
@@ -103,9 +107,10 @@ def table(runs, chosen):
         cells[model] = summary(values) if values else None
       diff = '-'
       if cells.get('nca') and cells.get('softmax') and 'floor' not in key:
-        d, finding = difference(cells['nca'], cells['softmax'])
-        diff = f'{100 * d:+.2f}' + {None: ' (one seed)', True: ' (finding)',
-                                    False: ' (within the spread)'}[finding]
+        d, p = difference(cells['nca'], cells['softmax'])
+        diff = f'{100 * d:+.2f}' + (' (one seed)' if p is None else
+                                    f' (finding, p={p:.3f})' if p < 0.05 else
+                                    f' (within the spread, p={p:.2f})')
         chart.append((name, cells['nca'][0], cells['softmax'][0]))
       lines.append(f'| {name} | ' + ' | '.join(fmt(cells.get(m)) for m in MODELS) +
                    f' | {diff} |')

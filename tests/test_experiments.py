@@ -107,6 +107,7 @@ def test_softmax_on_coarse_labels_then_every_evaluator(fake_data_config, tmp_pat
 def test_novel_classes_few_shot(fake_data_config, tmp_path):
   config = tiny(fake_data_config, num_epochs=1)
   config.data.train_classes = (0, 1, 2, 3, 4)
+  config.seed = 3                  # the episodes are drawn with the run's seed
   workdir = str(tmp_path / 'w')
   state = train.train_and_evaluate(config, workdir)
   n_train = int(np.isin(sources.read_labels(sources.open_source(
@@ -129,7 +130,7 @@ def test_novel_classes_few_shot(fake_data_config, tmp_path):
       queries, q_labels, support, s_labels, k=30, sigma=0.05, ks=(1,)), len(queries))
   for ways, shots in ((5, 1), (5, 5), (3, 1), (3, 5)):
     res = evaluators.few_shot_episodes(support, s_labels, queries, q_labels, ways=ways,
-                                       shots=shots)
+                                       shots=shots, seed=3)
     for rule, (mean, ci) in res.items():
       assert result[f'fewshot/{ways}way{shots}shot_{rule}'] == pytest.approx(mean, abs=1e-6)
       assert result[f'fewshot/{ways}way{shots}shot_{rule}_ci95'] == pytest.approx(ci, abs=1e-6)
@@ -190,3 +191,21 @@ def test_experiments_over_seeds_write_means_spreads_and_findings(fake_data_confi
     return checkpoint.read_config(mngr, mngr.latest_step())[0]
   configs = {m: saved_config(m) for m in ('softmax', 'softmax_embedding')}
   assert configs['softmax'].low_dim == 0 and configs['softmax_embedding'].low_dim == 128
+
+
+def test_a_finding_is_a_difference_beyond_the_seed_spread():
+  """NCA - softmax is called a finding only where Welch's t-test over the seeds says p < 0.05."""
+  import experiments
+  summary = lambda *v: experiments.summary(v)
+  diff, p = experiments.difference(summary(0.90, 0.91, 0.92), summary(0.80, 0.81, 0.82))
+  assert diff == pytest.approx(0.10) and p < 0.001
+  # The same means, but seeds that spread over the gap: not a finding.
+  diff, p = experiments.difference(summary(0.80, 0.91, 1.0), summary(0.70, 0.81, 0.92))
+  assert diff == pytest.approx(2.71 / 3 - 0.81) and p > 0.05
+  assert experiments.difference(summary(0.9), summary(0.8))[1] is None     # one seed
+  # By hand: equal deviations 0.01 over 3 seeds each, t = 0.1 / sqrt(2 * 0.01**2 / 3) on
+  # Welch's 4 degrees of freedom.
+  from scipy import stats
+  t = 0.1 / np.sqrt(2 * 0.01 ** 2 / 3)
+  assert experiments.difference(summary(0.90, 0.91, 0.92), summary(0.80, 0.81, 0.82))[1] == \
+      pytest.approx(2 * stats.t.sf(t, 4))

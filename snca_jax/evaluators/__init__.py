@@ -30,5 +30,8 @@ def paper_evaluators(config, settings: KnnSettings) -> list:
   if schema.trains_on_coarse_labels(config):
     out.append(SubcategoryEvaluator(config, settings))
   if schema.trains_on_class_subset(config):
-    out.append(FewShotEvaluator(config, settings))
+    # Episodes drawn with the run's own seed: over training seeds, the spread of a few-shot
+    # figure covers the episodes as well as training, while NCA and softmax runs of one seed
+    # meet the same episodes.
+    out.append(FewShotEvaluator(config, settings, seed=config.seed))
   return out

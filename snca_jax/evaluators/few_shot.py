@@ -49,7 +49,8 @@ class FewShotEvaluator:
 
   N is each of `ways` that the held-out classes allow. With exactly 5 of them (Fashion-MNIST's
   novel split), 5-way episodes always use the same 5 classes; 3-way episodes sample theirs, so
-  their interval covers the choice of classes too."""
+  their interval covers the choice of classes too. `seed` draws the episodes (paper_evaluators
+  passes the run's `config.seed`)."""
 
   def __init__(self, config, settings: KnnSettings, *, ways=(5, 3), shots=(1, 5),
                episodes=1000, seed=0):
