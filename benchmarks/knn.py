@@ -51,6 +51,8 @@ def main(argv=None):
   p.add_argument('--classes', type=int, default=1000)
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
+  p.add_argument('--methods', default='ours,ours_bf16,chunked',
+                 help='of ours, ours_bf16, chunked; comma-separated')
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 5,000, Q = 64), to check that it runs')
   args = p.parse_args(argv)
@@ -112,6 +114,8 @@ def main(argv=None):
     for name, dtype, method in (('ours', np.float32, 'auto'),
                                 ('ours_bf16', jax.numpy.bfloat16, 'auto'),
                                 ('chunked', np.float32, 'chunked')):
+      if name not in args.methods.split(','):
+        continue
       scores, t = timed(ours(k, dtype, method), args.repeats)
       idx = ours_neighbors(k, dtype, method)
       overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, faiss_idx)])
