@@ -58,13 +58,13 @@ def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
   return bank_lib.scan_chunks(fold, init, (bank, labels), chunk)
 
 
-# The blocked search (`_blocked_top_k`): bank rows in blocks of BLOCK (SMALL_BLOCK where k is
-# over 64: the rescoring gathers k blocks), scored in tiles of about TILE_BYTES of float32
-# scores (in cache), selected among GROUP_BLOCKS block maxima at a time. On the 2-core Intel
-# Xeon, Q = 2,048 against 1,281,167 rows: K = 30 took 3.45 s with blocks of 32, 3.70 s with 16;
-# K = 200 10.6 s with 32, 6.4 s with 16, 7.1 s with 8.
+# The blocked search (`_blocked_top_k`): bank rows in blocks of BLOCK, scored in tiles of about
+# TILE_BYTES of float32 scores (in cache), selected among GROUP_BLOCKS block maxima at a time.
+# On the 2-core Intel Xeon, Q = 2,048 against 1,281,167 rows, with the rescoring as one
+# product per query: K = 30 2.92 s with blocks of 32, 3.42 s with 64; K = 200 4.54 s with 32,
+# 5.14 s with 16, 5.20 s with 64; groups of 2,048 or 32,768 blocks instead of 8,192: 5.59 and
+# 5.93 s (knn_classify as benchmarks/knn.py times it, median of 3, the constant changed).
 BLOCK = 32
-SMALL_BLOCK = 16
 TILE_BYTES = 2 ** 24
 GROUP_BLOCKS = 8192
 RESCORE_BYTES = 2 ** 26           # the candidate rows gathered for a tile of queries
@@ -82,7 +82,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
   Rows with a negative label never count."""
   rows, dim = bank.shape
   nq = q.shape[0]
-  block = BLOCK if k <= 64 else SMALL_BLOCK
+  block = BLOCK
   full = rows // block * block
   q = q.astype(matmul_dtype)
   chunk = min(full, max(block, TILE_BYTES // (4 * nq) // block * block))

@@ -179,7 +179,7 @@ def test_experiments_over_seeds_write_means_spreads_and_findings(fake_data_confi
   top1 = [runs[f'knn/nca/{s}']['top1'] for s in (0, 1)]
   want = f'{100 * np.mean(top1):.2f}% +- {100 * np.std(top1, ddof=1):.2f}'
   row = next(line for line in table.splitlines() if line.startswith('| kNN top-1, all classes |'))
-  assert want in row and ('(finding)' in row or '(within the spread)' in row)
+  assert want in row and ('(finding, p=' in row or '(within the spread, p=' in row)
   assert 'novel classes 0-4 (rotated), 3-way 5-shot, nearest class mean' in table
   assert '2 seeds (0, 1)' in table and (workdir / 'results.png').exists()
   # The baseline embeds with its pooled features (tiny_resnet: 16 channels), the variant with

@@ -115,7 +115,7 @@ def test_blocked_search_is_exact(monkeypatch, k, num_devices, method):
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
   pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank) + 40 * num_devices
   per = (len(bank) + pad) // num_devices
-  block = knn.BLOCK if k <= 64 else knn.SMALL_BLOCK
+  block = knn.BLOCK
   assert per % block
   if per // block * block < len(bank):           # the first device's rows after its last block
     bank[per // block * block] = q[1]
