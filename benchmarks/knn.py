@@ -53,6 +53,10 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--methods', default='ours,ours_bf16,chunked',
                  help='of ours, ours_bf16, chunked; comma-separated')
+  p.add_argument('--block', type=int, default=0,
+                 help='rows per block of the blocked search (default: knn.BLOCK)')
+  p.add_argument('--group_blocks', type=int, default=0,
+                 help='block maxima selected at a time (default: knn.GROUP_BLOCKS)')
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 5,000, Q = 64), to check that it runs')
   args = p.parse_args(argv)
@@ -65,6 +69,8 @@ def main(argv=None):
   from snca_jax import distributed
   from snca_jax import knn
   from snca_jax import mesh as mesh_lib
+  knn.BLOCK = args.block or knn.BLOCK
+  knn.GROUP_BLOCKS = args.group_blocks or knn.GROUP_BLOCKS
 
   rng = np.random.default_rng(0)
   bank = unit(rng.normal(size=(args.n, args.d)))
@@ -107,7 +113,8 @@ def main(argv=None):
   for k in [int(v) for v in args.k.split(',')]:
     (faiss_scores, faiss_idx), t_faiss = timed(with_faiss(k), args.repeats)
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
-          f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}')
+          f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; '
+          f'blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group')
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
     print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")

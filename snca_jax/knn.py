@@ -60,10 +60,9 @@ def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
 
 # The blocked search (`_blocked_top_k`): bank rows in blocks of BLOCK, scored in tiles of about
 # TILE_BYTES of float32 scores (in cache), selected among GROUP_BLOCKS block maxima at a time.
-# On the 2-core Intel Xeon, Q = 2,048 against 1,281,167 rows, with the rescoring as one
-# product per query: K = 30 2.92 s with blocks of 32, 3.42 s with 64; K = 200 4.54 s with 32,
-# 5.14 s with 16, 5.20 s with 64; groups of 2,048 or 32,768 blocks instead of 8,192: 5.59 and
-# 5.93 s (knn_classify as benchmarks/knn.py times it, median of 3, the constant changed).
+# On the 2-core Intel Xeon, Q = 2,048 against 1,281,167 rows (benchmarks/knn.py --block N):
+# K = 30 3.09 s with blocks of 32, 3.50 s with 64; K = 200 4.57 s with 32, 5.19 s with 16,
+# 5.13 s with 64.
 BLOCK = 32
 TILE_BYTES = 2 ** 24
 GROUP_BLOCKS = 8192
@@ -127,8 +126,8 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     qt, bt = args                                                      # (T, D), (T, k)
     starts = (bt * block)[:, :, None]
     cand = rows_of(bank, starts).reshape(qt.shape[0], k * block, dim)  # (T, k x block, D)
-    # A product per query (a matrix-vector product each): as one batched contraction over
-    # (T, k, block, D), XLA's CPU code ran about 5x slower.
+    # A matrix-vector product per query, over its k x block rows (one contraction over
+    # (T, k, block, D) was slower on XLA's CPU: BENCHMARKS.md, kNN search).
     sims = jnp.einsum('tnd,td->tn', cand.astype(matmul_dtype), qt,
                       preferred_element_type=jnp.float32)
     sims = jnp.where(labels_of(labels, starts).reshape(qt.shape[0], -1) >= 0, sims, -jnp.inf)

@@ -69,6 +69,13 @@ def test_knn_finds_faiss_neighbours():
   assert row, out
   assert float(row.group(1)) >= 99.5 and float(row.group(2)) == 100.0
   assert re.search(r'^ours_bf16\s', out, re.M)
+  # The blocked search's constants from the command line, still exact; only the rows asked for.
+  out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--k=30', '--methods=ours',
+            '--block=16', '--group_blocks=64')
+  assert 'blocks of 16, 64 maxima a group' in out
+  row = re.search(r'^ours\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out, re.M)
+  assert row and float(row.group(1)) >= 99.5 and not re.search(r'^(ours_bf16|chunked)\s', out,
+                                                              re.M)
 
 
 def test_memory_and_scaling_reports():

@@ -197,15 +197,13 @@ def test_a_finding_is_a_difference_beyond_the_seed_spread():
   """NCA - softmax is called a finding only where Welch's t-test over the seeds says p < 0.05."""
   import experiments
   summary = lambda *v: experiments.summary(v)
+  # Equal deviations 0.01 over 3 seeds each: t = 0.1 / sqrt(2 * 0.01**2 / 3) on Welch's 4
+  # degrees of freedom.
+  from scipy import stats
   diff, p = experiments.difference(summary(0.90, 0.91, 0.92), summary(0.80, 0.81, 0.82))
-  assert diff == pytest.approx(0.10) and p < 0.001
+  assert diff == pytest.approx(0.10)
+  assert p == pytest.approx(2 * stats.t.sf(0.1 / np.sqrt(2 * 0.01 ** 2 / 3), 4)) and p < 0.001
   # The same means, but seeds that spread over the gap: not a finding.
   diff, p = experiments.difference(summary(0.80, 0.91, 1.0), summary(0.70, 0.81, 0.92))
   assert diff == pytest.approx(2.71 / 3 - 0.81) and p > 0.05
   assert experiments.difference(summary(0.9), summary(0.8))[1] is None     # one seed
-  # By hand: equal deviations 0.01 over 3 seeds each, t = 0.1 / sqrt(2 * 0.01**2 / 3) on
-  # Welch's 4 degrees of freedom.
-  from scipy import stats
-  t = 0.1 / np.sqrt(2 * 0.01 ** 2 / 3)
-  assert experiments.difference(summary(0.90, 0.91, 0.92), summary(0.80, 0.81, 0.82))[1] == \
-      pytest.approx(2 * stats.t.sf(t, 4))
