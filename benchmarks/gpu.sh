@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-NCA_ARGS=(--variants ours,ours_bf16,pallas,pallas_bf16,dense,floor --repeats 10)
+NCA_ARGS=(--variants ours,ours_bf16,no_index,pallas,pallas_bf16,dense,floor --repeats 10)
 if [[ "${1:-}" == --smoke ]]; then
   NCA_ARGS=(--variants ours,pallas,floor --smoke)
 fi

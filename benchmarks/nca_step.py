@@ -2,9 +2,13 @@
 
     python benchmarks/nca_step.py                  # N = 1,281,167, B = 256, D = 128
     python benchmarks/nca_step.py --n 100000       # quicker
+    python benchmarks/nca_step.py --classes 32 --variants with_index,no_index   # where it pays
 
   ours   snca_jax.nca.nca_step (loss, gradient and bank update in one pass; one device here),
-         jitted, bank donated so that the update is in place
+         jitted, bank donated so that the update is in place; with the class index where
+         training would use one (`nca_class_index='auto'`: no class over 1/50 of the rows)
+  no_index  the same without the class index: the same-class sums in the pass over the bank
+  with_index  the same with the class index whatever the classes (on request: --variants)
   ours_bf16  the same with matmul_dtype=bfloat16 (bfloat16 products, float32 accumulation)
   pallas, pallas_bf16  the same with kernel='pallas': each device's pass over its rows as one
          Pallas kernel (snca_jax/nca_pallas.py), for GPUs; only when asked for (--variants), as
@@ -32,8 +36,9 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ('ours', 'ours_bf16', 'dense', 'torch', 'floor')
+VARIANTS = ('ours', 'ours_bf16', 'no_index', 'dense', 'torch', 'floor')
 PALLAS = ('pallas', 'pallas_bf16')     # on request (gpu.sh): interpreted, hence slow, on a CPU
+ON_REQUEST = PALLAS + ('with_index',)
 
 
 def rss_mb(field='VmRSS'):
@@ -44,12 +49,12 @@ def rss_mb(field='VmRSS'):
   raise RuntimeError(field)
 
 
-def make_inputs(n, b, d, seed=0):
+def make_inputs(n, b, d, classes=1000, seed=0):
   rng = np.random.default_rng(seed)
   f = rng.normal(size=(b, d)).astype(np.float32)
   f /= np.linalg.norm(f, axis=1, keepdims=True)
   idx = rng.choice(n, size=b, replace=False).astype(np.int32)
-  labels = rng.integers(0, 1000, size=n).astype(np.int32)
+  labels = rng.integers(0, classes, size=n).astype(np.int32)
   return f, idx, labels
 
 
@@ -76,23 +81,25 @@ def jax_variant(name, args):
   from snca_jax import bank as bank_lib
   from snca_jax import mesh as mesh_lib
   from snca_jax import nca
-  f, idx, labels = make_inputs(args.n, args.b, args.d)
+  f, idx, labels = make_inputs(args.n, args.b, args.d, args.classes)
   mesh = mesh_lib.make_mesh()
   labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
+  auto = name in ('ours', 'ours_bf16') and nca.class_index_pays(labels)
+  index = nca.class_index(labels, mesh) if auto or name == 'with_index' else None
   f, idx = jnp.asarray(f), jnp.asarray(idx)
   T = 0.05
 
   if name == 'floor':
     def step(bank, f):
       return bank, (f @ bank.T) @ bank
-  elif name in ('ours', 'ours_bf16') + PALLAS:
+  elif name in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST:
     dtype = jnp.bfloat16 if name.endswith('_bf16') else jnp.float32
     kernel = 'pallas' if name in PALLAS else 'xla'
 
     def step(bank, f):
       (loss, bank), grad = jax.value_and_grad(lambda x: nca.nca_step(
           x, idx, bank, labels, 0.5, temperature=T, mesh=mesh, chunk_size=args.chunk or None,
-          matmul_dtype=dtype, kernel=kernel), has_aux=True)(f)
+          matmul_dtype=dtype, kernel=kernel, class_index=index), has_aux=True)(f)
       return bank, (loss, grad)
   else:
     def step(bank, f):
@@ -119,7 +126,7 @@ def jax_variant(name, args):
 def torch_variant(args):
   import torch
   torch.set_num_threads(os.cpu_count())
-  f, idx, labels = make_inputs(args.n, args.b, args.d)
+  f, idx, labels = make_inputs(args.n, args.b, args.d, args.classes)
   stdv = 1.0 / (args.d / 3) ** 0.5
   memory = torch.rand(args.n, args.d).mul_(2 * stdv).add_(-stdv)
   labels = torch.from_numpy(labels).long()
@@ -181,9 +188,10 @@ def main(argv=None):
   p.add_argument('--b', type=int, default=256)
   p.add_argument('--d', type=int, default=128)
   p.add_argument('--chunk', type=int, default=0, help='0: nca.default_chunk_size(B)')
+  p.add_argument('--classes', type=int, default=1000, help='balanced random labels')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
-  p.add_argument('--run', choices=VARIANTS + PALLAS, help=argparse.SUPPRESS)
+  p.add_argument('--run', choices=VARIANTS + ON_REQUEST, help=argparse.SUPPRESS)
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 2,000, B = 16), to check that it runs')
   args = p.parse_args(argv)
@@ -196,13 +204,14 @@ def main(argv=None):
   bank_mb = args.n * args.d * 4 / 2**20
   sys.path.insert(0, ROOT)
   from snca_jax import distributed
-  print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, JAX on its default backend, CPU '
+  print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, {args.classes} classes, JAX on its default backend, CPU '
         f'x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; bank = '
         f'{bank_mb:.0f} MB (peak MB: host memory)')
   results, failed = {}, []
   for v in args.variants.split(','):
     cmd = [sys.executable, __file__, '--run', v, '--n', str(args.n), '--b', str(args.b),
-           '--d', str(args.d), '--chunk', str(args.chunk), '--repeats', str(args.repeats)]
+           '--d', str(args.d), '--chunk', str(args.chunk), '--repeats', str(args.repeats),
+           '--classes', str(args.classes)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
       print(f'{v:6s} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}')
@@ -210,14 +219,15 @@ def main(argv=None):
       continue
     results[v] = json.loads(r.stdout.strip().splitlines()[-1])
   floor = results.get('floor', {}).get('ms')
-  print(f"{'variant':8s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}")
+  print(f"{'variant':11s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}")
   for v, r in results.items():
     ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
-    print(f"{v:8s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
-  for v in ('ours', 'ours_bf16') + PALLAS:
-    if v in results:
-      print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.1f}x faster than {o}"
-                                 for o in ('torch', 'dense') if o in results))
+    print(f"{v:11s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
+  for v in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST:
+    others = [o for o in ('torch', 'dense', 'no_index') if o in results and o not in (v, 'ours')]
+    if v in results and others:
+      print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.2f}x faster than {o}"
+                                 for o in others))
   if failed:
     sys.exit(f'nca_step.py: variant(s) {", ".join(failed)} failed')
 

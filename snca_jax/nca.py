@@ -29,12 +29,15 @@ Two implementations:
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from snca_jax import bank as bank_lib
+from snca_jax import distributed
 from snca_jax import nca_pallas
 from snca_jax.bank import PAD_LABEL
 from snca_jax.mesh import DATA
@@ -100,19 +103,35 @@ def nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0):
 # memory is O(B x chunk_size). The devices then combine their partials: pmax of the (B,) maxima,
 # psum of the rescaled (B,) sums and (B, D) row sums, so what crosses devices does not grow with
 # N. The result is a `jax.custom_vjp`: the backward pass only scales the stored (B, D) gradient.
+#
+# With many classes, the same-class sums are a small share of the work but, summed in the pass
+# over the whole bank, cost as much as the other-class ones: a second (B, chunk) x (chunk, D)
+# product of which all but about 1/classes of the entries are zero. With a class index
+# (`class_index`: each device's rows sorted by label, made once per run) the pass over the bank
+# sums only the other-class rows, and each example's same-class (max, sum, row sum) comes from
+# its own class's rows, gathered through the index `class_window` at a time. Same loss and
+# gradient; at ImageNet's 1,000 classes about a third less time; with ten classes, more
+# (`class_index_pays` decides; BENCHMARKS.md).
 # ---------------------------------------------------------------------------------------------
 
-def _online_update(carry, s, pos, neg, rows, matmul_dtype):
-  """Folds one chunk's scores `s` (B, C) into the running (max, sum, row sum) of the same-class
-  (`pos`) and other-class (`neg`) entries. One exp per score, one (2B, C) x (C, D) product."""
-  m = carry[0]                                                    # (2, B)
-  chunk_max = jnp.stack([jnp.max(jnp.where(pos, s, -jnp.inf), axis=1),
-                         jnp.max(jnp.where(neg, s, -jnp.inf), axis=1)])
-  m_new = jnp.maximum(m, chunk_max)
+def _rescaled(m, s, masks):
+  """The online log-sum-exp's step for the K entry sets of `masks` (K, B, C) among the scores
+  `s` (B, C): the new maxima (K, B), the factor (K, B) that rescales what was summed under the
+  old ones, and the (K, B, C) exponentials under the new ones (0 off each set). One exp per
+  score."""
+  m_new = jnp.maximum(m, jnp.max(jnp.where(masks, s, -jnp.inf), axis=-1))
   m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
   scale = jnp.exp(m - m_safe)                                     # 0 while m is -inf
-  e = jnp.exp(s - jnp.where(pos, m_safe[0][:, None], m_safe[1][:, None]))
-  e = jnp.stack([jnp.where(pos, e, 0.0), jnp.where(neg, e, 0.0)])   # (2, B, C)
+  shift = m_safe[0][:, None]
+  for k in range(1, masks.shape[0]):
+    shift = jnp.where(masks[k], m_safe[k][:, None], shift)
+  return m_new, scale, jnp.where(masks, jnp.exp(s - shift), 0.0)
+
+
+def _online_update(carry, s, masks, rows, matmul_dtype):
+  """Folds one chunk's scores `s` (B, C) into the running (max, sum, row sum) of each of the
+  K entry sets of `masks` (K, B, C) (same-class, other-class): one (K B, C) x (C, D) product."""
+  m_new, scale, e = _rescaled(carry[0], s, masks)
   g = jnp.einsum('kbc,cd->kbd', e.astype(matmul_dtype), rows,
                  preferred_element_type=jnp.float32)
   return (m_new, carry[1] * scale + jnp.sum(e, axis=2),
@@ -137,11 +156,47 @@ class KernelOptions:
   matmul_dtype: jnp.dtype     # of both matrix products (float32 accumulation)
   update: bool                # also write the batch's bank rows (nca_step)
   kernel: str = 'xla'         # 'pallas': the pass over the rows as one Pallas kernel
+  class_window: int = 0       # with a class index: its rows per step of the same-class pass
 
 
-def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
+def _same_class_pass(queries, indices, labels, bank, scan_labels, index, offset,
+                     opts: KernelOptions):
+  """One device's (m, l, G) of each example's same-class rows, found through the class index:
+  `opts.class_window` of them per example at a time, gathered from the bank, until the largest
+  class among the batch's is covered. Each example reads its own class's rows, not the bank."""
+  order, sorted_labels = index
+  rows = bank.shape[0]
+  window = opts.class_window
+  lo = jnp.searchsorted(sorted_labels, labels, side='left', method='scan')
+  hi = jnp.searchsorted(sorted_labels, labels, side='right', method='scan')
+  steps = (jnp.max(hi - lo) + window - 1) // window
+
+  def body(t, carry):
+    at = lo[:, None] + t * window + jnp.arange(window)[None, :]          # (B, W)
+    r = order[jnp.minimum(at, rows - 1)]
+    x = bank[r].astype(opts.matmul_dtype)                                 # (B, W, D)
+    s = jnp.einsum('bd,bwd->bw', queries, x, preferred_element_type=jnp.float32)
+    # In the class's range; not a row this step writes (relabelled as padding); not its own.
+    present = ((at < hi[:, None]) & (scan_labels[r] == labels[:, None])
+               & (offset + r != indices[:, None]))
+    m, l, g = carry
+    m_new, scale, e = _rescaled(m, s, present[None])
+    g_t = jnp.einsum('kbw,bwd->kbd', e.astype(opts.matmul_dtype), x,
+                     preferred_element_type=jnp.float32)
+    return m_new, l * scale + jnp.sum(e, axis=2), g * scale[..., None] + g_t
+
+  batch, dim = queries.shape
+  init = (jnp.full((1, batch), -jnp.inf), jnp.zeros((1, batch)), jnp.zeros((1, batch, dim)))
+  return jax.lax.fori_loop(0, steps, body, init)
+
+
+def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOptions,
+                 index=None):
   """One device: its rows of the bank -> global (m, l, G) for same- and other-class rows (m is
   -inf exactly for examples without any such row), and its rows of the bank after the step.
+
+  With a class `index` (`class_index`), the pass over all the rows sums only the other-class
+  ones, and the same-class sums come from `_same_class_pass`.
 
   With `opts.update`, the batch's rows are written first, in place (so that the bank, donated,
   is never copied), the scan skips them, and they are counted afterwards at the values they had
@@ -175,9 +230,13 @@ def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOpt
     # there too because XLA's CPU fusion of the chunk was much slower without it.)
     present &= (offset + local_rows)[None, :] != indices[:, None]
     same = labels_c[None, :] == labels[:, None]
-    return _online_update(carry, s, present & same, present & ~same, rows_c, opts.matmul_dtype)
+    masks = (present & ~same)[None] if index is not None else jnp.stack(
+        [present & same, present & ~same])
+    return _online_update(carry, s, masks, rows_c, opts.matmul_dtype)
 
-  init = (jnp.full((2, batch), -jnp.inf), jnp.zeros((2, batch)), jnp.zeros((2, batch, dim)))
+  sets = 1 if index is not None else 2          # other-class only, or same- and other-class
+  init = (jnp.full((sets, batch), -jnp.inf), jnp.zeros((sets, batch)),
+          jnp.zeros((sets, batch, dim)))
   covered = nca_pallas.covered_rows(batch, rows) if opts.kernel == 'pallas' else 0
   if covered:      # the leading rows in one Pallas kernel, the few after them as below
     init = nca_pallas.partials(queries, labels, jnp.where(mine, local, -1), bank, scan_labels,
@@ -188,23 +247,26 @@ def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOpt
         (bank[covered:], scan_labels[covered:]), opts.chunk_size)
   else:
     m, l, g = init
+  if index is not None:
+    pos = _same_class_pass(queries, indices, labels, bank, scan_labels, index, offset, opts)
+    m, l, g = (jnp.concatenate([p, n]) for p, n in zip(pos, (m, l, g)))
   m, l, g = _combine(m, l, g)
   if opts.update:   # the batch's own rows, before the update, each example's own excluded
     old_c = old.astype(opts.matmul_dtype)
     s = jnp.einsum('bd,cd->bc', queries, old_c, preferred_element_type=jnp.float32)
     present = indices[None, :] != indices[:, None]
     same = labels[None, :] == labels[:, None]
-    m, l, g = _online_update((m, l, g), s, present & same, present & ~same, old_c,
-                             opts.matmul_dtype)
+    m, l, g = _online_update((m, l, g), s, jnp.stack([present & same, present & ~same]),
+                             old_c, opts.matmul_dtype)
   return (m[0], l[0], g[0]), (m[1], l[1], g[1]), bank
 
 
-def _loss_and_grad(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
+def _loss_and_grad(features, indices, bank, bank_labels, momentum, index, opts: KernelOptions):
   features = features.astype(jnp.float32)
   temperature = opts.temperature
 
-  def per_device(f, idx, b, lab, mu):
-    (m_p, l_p, g_p), (m_n, l_n, g_n), b = _device_pass(f, idx, b, lab, mu, opts)
+  def per_device(f, idx, b, lab, mu, index):
+    (m_p, l_p, g_p), (m_n, l_n, g_n), b = _device_pass(f, idx, b, lab, mu, opts, index)
     valid, has_neg = m_p != -jnp.inf, m_n != -jnp.inf          # any such row at all
     log_pos = m_p + jnp.log(jnp.where(valid, l_p, 1.0)) - opts.margin / temperature  # log P'
     log_neg = jnp.where(has_neg, m_n + jnp.log(jnp.where(has_neg, l_n, 1.0)), -jnp.inf)
@@ -220,27 +282,27 @@ def _loss_and_grad(features, indices, bank, bank_labels, momentum, opts: KernelO
     return loss, coef[:, None] * (mean_neg - mean_pos), b
 
   return jax.shard_map(per_device, mesh=opts.mesh,
-                       in_specs=(P(), P(), P(DATA), P(DATA), P()),
+                       in_specs=(P(), P(), P(DATA), P(DATA), P(), P(DATA)),
                        out_specs=(P(), P(), P(DATA)), check_vma=False)(
                            features, indices, bank, bank_labels,
-                           jnp.asarray(momentum, bank.dtype))
+                           jnp.asarray(momentum, bank.dtype), index)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _streaming(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
-  loss, _, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, opts)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _streaming(features, indices, bank, bank_labels, momentum, index, opts: KernelOptions):
+  loss, _, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, index, opts)
   return loss, bank
 
 
-def _streaming_fwd(features, indices, bank, bank_labels, momentum, opts: KernelOptions):
-  loss, grad, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, opts)
+def _streaming_fwd(features, indices, bank, bank_labels, momentum, index, opts: KernelOptions):
+  loss, grad, bank = _loss_and_grad(features, indices, bank, bank_labels, momentum, index, opts)
   return (loss, bank), grad.astype(features.dtype)
 
 
 def _streaming_bwd(opts, grad, cotangents):
   del opts
   # Only the loss has a gradient, and only into the features.
-  return cotangents[0] * grad, None, None, None, None
+  return cotangents[0] * grad, None, None, None, None, None
 
 
 _streaming.defvjp(_streaming_fwd, _streaming_bwd)
@@ -258,37 +320,91 @@ def default_chunk_size(batch: int, platform: str | None = None) -> int:
   return int(max(4096, 2 ** 26 // max(batch, 1)))
 
 
+class ClassIndex(NamedTuple):
+  """Each device's bank rows ordered by class, both (N',) and sharded like the bank's labels:
+  `order` holds row numbers local to the device, `labels` their labels (ascending), so that a
+  class's rows on a device are a range found by binary search."""
+  order: jax.Array
+  labels: jax.Array
+
+
+def class_index(bank_labels, mesh) -> ClassIndex:
+  """The `ClassIndex` of `bank_labels` (sharded by rows over `mesh`), for `nca_step`'s
+  `class_index`: made once per run (a sort of each device's labels), it lets each example's
+  same-class sums read only its class's rows. It depends on the mesh, so it is made again,
+  never saved, where the state is restored."""
+  def per_device(labels):
+    rows = jnp.arange(labels.shape[0], dtype=jnp.int32)
+    sorted_labels, order = jax.lax.sort((labels, rows), num_keys=1, is_stable=True)
+    return ClassIndex(order=order, labels=sorted_labels)
+
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(DATA),
+                               out_specs=ClassIndex(P(DATA), P(DATA))))(bank_labels)
+
+
+CLASS_INDEX_MIN_CLASSES = 50
+
+
+def class_index_pays(bank_labels) -> bool:
+  """Whether `class_index` makes the kernel faster for these labels: where no class holds more
+  than 1/50 of the rows (each example then reads at most that share of the bank through the
+  index). Measured at N = 1,281,167, B = 256 on a CPU (`benchmarks/nca_step.py --classes`):
+  with 1,000 or 100 classes the step is faster with the index, with 32 level, with 10 slower."""
+  labels = np.asarray(distributed.to_host(bank_labels))
+  labels = labels[labels >= 0]
+  _, counts = np.unique(labels, return_counts=True)
+  return counts.size > 0 and int(counts.max()) * CLASS_INDEX_MIN_CLASSES <= labels.size
+
+
+def default_class_window(batch: int, rows: int, platform: str | None = None) -> int:
+  """Same-class rows per example per step of the class-index pass: a (B, window, D) block of
+  about 32 MB on a CPU at D = 128 (B = 256: 256 rows), four times that on an accelerator; at
+  most 1/32 of a device's `rows` (no longer than a class where the index pays)."""
+  platform = platform or jax.default_backend()
+  budget = 2 ** 16 if platform == 'cpu' else 2 ** 18
+  return int(max(16, min(budget // max(batch, 1), rows // 32)))
+
+
 def _call(features, indices, bank, bank_labels, momentum, update, temperature, margin, mesh,
-          chunk_size, matmul_dtype, kernel):
+          chunk_size, matmul_dtype, kernel, index):
   if kernel not in ('xla', 'pallas'):
     raise ValueError(f"NCA kernel {kernel!r}: use 'xla' or 'pallas'")
+  if index is not None and kernel != 'xla':
+    raise ValueError("a class index serves the 'xla' NCA kernel only; pass class_index=None")
+  batch = features.shape[0]
   opts = KernelOptions(temperature=float(temperature), margin=float(margin), mesh=mesh,
-                       chunk_size=int(chunk_size or default_chunk_size(features.shape[0])),
-                       matmul_dtype=jnp.dtype(matmul_dtype), update=update, kernel=kernel)
-  return _streaming(features, indices, bank, bank_labels, momentum, opts)
+                       chunk_size=int(chunk_size or default_chunk_size(batch)),
+                       matmul_dtype=jnp.dtype(matmul_dtype), update=update, kernel=kernel,
+                       class_window=(default_class_window(batch, bank.shape[0] // mesh.size)
+                                     if index is not None else 0))
+  return _streaming(features, indices, bank, bank_labels, momentum, index, opts)
 
 
 def streaming_nca_loss(features, indices, bank, bank_labels, *, temperature, margin=0.0, mesh,
-                       chunk_size=None, matmul_dtype=jnp.float32, kernel='xla'):
+                       chunk_size=None, matmul_dtype=jnp.float32, kernel='xla', class_index=None):
   """The NCA loss of docs/METHOD.md, equal to `nca_loss`, in one streaming pass over a row-sharded
   bank that also yields the feature gradient. `bank` (N, D) and `bank_labels` (N,) are sharded
   by rows over `mesh`'s data axis; `features` (B, D) and `indices` (B,) are replicated by it.
   `matmul_dtype=jnp.bfloat16` runs both matrix products in bfloat16 with float32 accumulation.
   `chunk_size` (bank rows per step of the scan) defaults to `default_chunk_size(B)`.
   `kernel='pallas'` walks each device's rows in one Pallas kernel (`nca_pallas.py`; GPUs).
+  `class_index` (`class_index(bank_labels, mesh)`): the same-class sums read only each
+  example's class's rows; the pass over the whole bank then sums the other-class rows alone
+  (with many classes, about a third less work: BENCHMARKS.md). Same loss and gradient.
   """
   return _call(features, indices, bank, bank_labels, 0.0, False, temperature, margin, mesh,
-               chunk_size, matmul_dtype, kernel)[0]
+               chunk_size, matmul_dtype, kernel, class_index)[0]
 
 
 def nca_step(features, indices, bank, bank_labels, momentum, *, temperature, margin=0.0, mesh,
-             chunk_size=None, matmul_dtype=jnp.float32, kernel='xla'):
+             chunk_size=None, matmul_dtype=jnp.float32, kernel='xla', class_index=None):
   """One training step's NCA work: (loss, bank after `bank.update`), in one pass.
 
   The loss, and its gradient (into `features` only), are those of `nca_loss` against the bank
   before the update; the returned bank is `bank.update(bank, indices, features, momentum)`,
   each row written by the device that holds it. Donate the bank to the enclosing jit and the
   update happens in place. The batch's indices must be distinct (as in any epoch).
+  `class_index` as in `streaming_nca_loss`.
   """
   return _call(features, indices, bank, bank_labels, momentum, True, temperature, margin, mesh,
-               chunk_size, matmul_dtype, kernel)
+               chunk_size, matmul_dtype, kernel, class_index)

@@ -25,8 +25,22 @@ from snca_jax import state as state_lib
 BATCH_FIELDS = ('image', 'index', 'label')
 
 
+def class_index(config, bank_labels, mesh):
+  """The NCA kernel's class index (`nca.class_index`) for this run, or None. `nca_class_index`
+  'auto' makes one where it pays: the NCA loss, the XLA kernel, and no class holding more than
+  1/`nca.CLASS_INDEX_MIN_CLASSES` of the bank's rows (ImageNet, CIFAR-100; not Fashion-MNIST or
+  CIFAR-10, whose ten classes make each example's class a tenth of the bank)."""
+  if config.nca_class_index == 'off' or schema.is_softmax(config):
+    return None
+  if config.nca_class_index == 'auto' and not (config.nca_kernel == 'xla'
+                                               and nca.class_index_pays(bank_labels)):
+    return None
+  return nca.class_index(bank_labels, mesh)
+
+
 def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
-  """`loss_and_grads(state, batch) -> (bank, batch_stats, grads, metrics)`: the bank after the
+  """`loss_and_grads(state, batch, class_index=None) -> (bank, batch_stats, grads, metrics)`:
+  the bank after the
   step, the new BatchNorm statistics, the gradient of the loss (against the bank before the
   step) with respect to the parameters, before the optimizer sees it, and the metrics
   {'loss', 'memory_momentum'}. The part of `train_step` that reads the batch; tests compare it
@@ -35,7 +49,7 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   softmax = schema.is_softmax(config)
 
-  def loss_and_grads(state: state_lib.TrainState, batch):
+  def loss_and_grads(state: state_lib.TrainState, batch, class_index=None):
     momentum = memory_momentum(state.step)
     images = models.normalize_images(batch['image'], mean, std)   # uint8 -> float, on device
 
@@ -52,7 +66,8 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
           features, batch['index'], state.bank, state.bank_labels, momentum,
           temperature=config.temperature, margin=config.margin, mesh=mesh,
           chunk_size=config.nca_chunk_size or None,
-          matmul_dtype=models.DTYPES[config.nca_matmul_dtype], kernel=config.nca_kernel)
+          matmul_dtype=models.DTYPES[config.nca_matmul_dtype], kernel=config.nca_kernel,
+          class_index=class_index)
       return loss, (bank, updates['batch_stats'])
 
     (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -62,13 +77,16 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   return loss_and_grads
 
 
-def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh):
-  """The jitted step, with the state donated and every sharding stated."""
+def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh,
+                    class_index=None):
+  """The jitted step, with the state donated and every sharding stated: `train_step(state,
+  batch) -> (state, metrics)`. `class_index` (`class_index` above, made from the state's
+  labels) goes to the NCA kernel."""
   loss_and_grads = make_loss_and_grads(model, config, steps_per_epoch=steps_per_epoch,
                                        mesh=mesh)
 
-  def train_step(state: state_lib.TrainState, batch):
-    bank, batch_stats, grads, metrics = loss_and_grads(state, batch)
+  def train_step(state: state_lib.TrainState, batch, class_index):
+    bank, batch_stats, grads, metrics = loss_and_grads(state, batch, class_index)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
@@ -77,8 +95,12 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh)
 
   rows = mesh_lib.row_sharding(mesh)
   batch_shardings = {k: rows for k in BATCH_FIELDS}
-  return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+  index_shardings = jax.tree.map(lambda _: rows, class_index)
+  step = jax.jit(train_step, in_shardings=(shardings, batch_shardings, index_shardings),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
+  bound = lambda state, batch: step(state, batch, class_index)
+  bound.lower = lambda state, batch: step.lower(state, batch, class_index)
+  return bound
 
 
 def device_batch(batch, mesh):

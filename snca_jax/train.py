@@ -128,8 +128,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
         image_shape=sources.image_shape(config.data), low_dim=models.embedding_dim(config), mesh=mesh)
 
-  train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
-                                        shardings=shardings, mesh=mesh)
+  train_step = step_lib.make_train_step(
+      model, tx, config, steps_per_epoch=steps_per_epoch, shardings=shardings, mesh=mesh,
+      class_index=step_lib.class_index(config, state.bank_labels, mesh))
   if stop.stopped_before_first_step('resume' if latest is not None else 'train'):
     return state                      # a signal while the state was built or restored
   writer = metrics_lib.MetricWriter(workdir)

@@ -56,8 +56,10 @@ def test_train_step_beside_pytorch():
 def test_nca_step_against_torch_and_dense():
   """The variants gpu.sh's smoke run leaves out (each runs in a process of its own)."""
   out = run(sys.executable, 'benchmarks/nca_step.py', '--smoke', '--variants',
-            'ours_bf16,dense,torch')
-  assert re.search(r'ours_bf16: [\d.]+x faster than torch, [\d.]+x faster than dense', out)
+            'ours_bf16,no_index,with_index,dense,torch')
+  assert re.search(r'ours_bf16: [\d.]+x faster than torch, [\d.]+x faster than dense, '
+                   r'[\d.]+x faster than no_index', out)
+  assert re.search(r'^with_index\s+[\d.]+\s+[\d.]+', out, re.M), out
   assert 'failed' not in out
 
 

@@ -242,9 +242,17 @@ def test_pallas_kernel_matches_the_reference(num_devices, dim, temperature):
   rows = sb.shape[0] // num_devices
   assert 0 < nca_pallas.covered_rows(24, rows) < rows
 
+  check_step_against_the_reference(f, idx, bank, labels, mesh, sb, sl, temperature,
+                                   kernel='pallas')
+
+
+def check_step_against_the_reference(f, idx, bank, labels, mesh, sb, sl, temperature, **kw):
+  """nca_step (margin 0.1, momentum 0.8) and streaming_nca_loss with the kernel options `kw`:
+  loss and gradient against the float64 reference (example 0 in a singleton class: a zero
+  gradient), and the updated bank."""
   def fn(x):
     return nca.nca_step(x, idx, sb, sl, 0.8, temperature=temperature, margin=0.1, mesh=mesh,
-                        chunk_size=16, kernel='pallas')
+                        chunk_size=16, **kw)
 
   (loss, new), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(f)
   want_loss, want_grad = reference(f, idx, bank, labels, temperature, margin=0.1)
@@ -253,9 +261,9 @@ def test_pallas_kernel_matches_the_reference(num_devices, dim, temperature):
                              atol=1e-4 * np.abs(want_grad).max())
   assert np.all(np.asarray(grad)[0] == 0)
   want = np.asarray(bank_lib.update(jnp.asarray(bank), idx, f, 0.8))
-  np.testing.assert_allclose(np.asarray(new)[:2403], want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(np.asarray(new)[:len(bank)], want, rtol=1e-6, atol=1e-7)
   loss_only = jax.jit(lambda x: nca.streaming_nca_loss(
-      x, idx, sb, sl, temperature=temperature, margin=0.1, mesh=mesh, kernel='pallas'))(f)
+      x, idx, sb, sl, temperature=temperature, margin=0.1, mesh=mesh, **kw))(f)
   np.testing.assert_allclose(float(loss_only), want_loss, rtol=1e-4)
 
 
@@ -297,3 +305,58 @@ def test_a_non_finite_feature_makes_the_loss_non_finite(streaming):
   else:
     loss = nca.nca_loss(f, idx, bank, labels, temperature=0.05)
   assert not np.isfinite(float(loss))
+
+
+# --- the class index: same-class sums read through it -----------------------------------------
+
+
+@pytest.mark.parametrize('num_devices', [1, 2, 8])
+@pytest.mark.parametrize('window', [3, 4096])
+@pytest.mark.parametrize('temperature', [0.05, 0.01])
+def test_class_index_matches_the_reference(num_devices, window, temperature, monkeypatch):
+  """With a class index: loss and gradient against the float64 reference and the update, for
+  classes of very different sizes (so that examples need different numbers of windows, and
+  3-row windows split every class), a singleton class, padding rows, a margin, low T."""
+  monkeypatch.setattr(nca, 'default_class_window', lambda *args, **kw: window)
+  f, idx, bank, labels = make_problem(16, B=24, N=203, unit_bank=False)
+  labels[:90] = 0                          # one large class, four small ones
+  labels[idx[0]] = 7                       # a singleton class
+  mesh, sb, sl = _sharded(bank, labels, num_devices)
+  check_step_against_the_reference(f, idx, bank, labels, mesh, sb, sl, temperature,
+                                   class_index=nca.class_index(sl, mesh))
+
+
+def test_class_index_orders_each_devices_rows_by_class():
+  _, _, bank, labels = make_problem(17, N=203, C=9)
+  mesh, sb, sl = _sharded(bank, labels, 8)
+  index = nca.class_index(sl, mesh)
+  assert index.order.sharding.is_equivalent_to(sl.sharding, 1)
+  rows = sl.shape[0] // 8
+  all_labels = np.asarray(sl)
+  for d in range(8):
+    part = slice(d * rows, (d + 1) * rows)
+    order, got = np.asarray(index.order)[part], np.asarray(index.labels)[part]
+    np.testing.assert_array_equal(np.sort(order), np.arange(rows))     # a permutation
+    np.testing.assert_array_equal(got, all_labels[part][order])
+    assert np.all(np.diff(got) >= 0)
+    assert all(np.all(np.diff(order[got == c]) > 0) for c in np.unique(got))  # rows ascending
+
+
+def test_class_index_pays_only_with_many_classes():
+  rng = np.random.default_rng(0)
+  assert not nca.class_index_pays(np.arange(10_000) % 10)       # Fashion-MNIST, CIFAR-10
+  assert nca.class_index_pays(np.arange(10_000) % 100)          # CIFAR-100
+  assert not nca.class_index_pays(np.arange(10_000) % 40)
+  labels = rng.integers(0, 1000, 10_000)
+  labels[:500] = 3                                              # one class of 1/20
+  assert not nca.class_index_pays(labels)
+  padded = np.concatenate([np.arange(1000) % 100, np.full(5000, bank_lib.PAD_LABEL)])
+  assert nca.class_index_pays(padded)                           # padding is no class
+
+
+def test_class_index_serves_the_xla_kernel_only():
+  f, idx, bank, labels = make_problem(18)
+  mesh, sb, sl = _sharded(bank, labels, 2)
+  with pytest.raises(ValueError, match='xla'):
+    nca.streaming_nca_loss(f, idx, sb, sl, temperature=0.05, mesh=mesh, kernel='pallas',
+                           class_index=nca.class_index(sl, mesh))

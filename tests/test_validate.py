@@ -65,8 +65,10 @@ def test_combinations():
   c = fashion_mnist.get_config()
   c.data.channels = 3                  # mean and std still have one value each
   c.memory_momentum_steps = ((80, 0.8), (40, 0.9))
+  c.nca_kernel, c.nca_class_index = 'pallas', 'on'     # the index serves the XLA kernel only
   found = validate.problems(c)
-  assert [p.split('=')[0] for p in found] == ['data.mean', 'data.std', 'memory_momentum_steps']
+  assert [p.split('=')[0] for p in found] == ['data.mean', 'data.std', 'memory_momentum_steps',
+                                              'nca_class_index']
   with pytest.raises(ConfigError) as e:
     validate.check_config(c)
   assert str(e.value).startswith('bad config: data.mean=(0.286,)') and '\n' not in str(e.value)
