@@ -60,8 +60,9 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
                                        image_shape=(image_size, image_size, 3),
                                        low_dim=128, mesh=mesh)
   shardings = jax.tree.map(lambda a: a.sharding, state)
-  train_step = step_lib.make_train_step(model, tx, config, steps_per_epoch=n_bank // args.batch,
-                                        shardings=shardings, mesh=mesh)
+  train_step = step_lib.make_train_step(   # with the class index where training would use one
+      model, tx, config, steps_per_epoch=n_bank // args.batch, shardings=shardings, mesh=mesh,
+      class_index=step_lib.class_index(config, state.bank_labels, mesh))
   rng = np.random.default_rng(0)
   batches = [step_lib.device_batch({
       'image': rng.integers(0, 256, (args.batch, image_size, image_size, 3), dtype=np.uint8),

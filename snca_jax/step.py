@@ -98,9 +98,28 @@ def make_train_step(model, tx, config, *, steps_per_epoch: int, shardings, mesh,
   index_shardings = jax.tree.map(lambda _: rows, class_index)
   step = jax.jit(train_step, in_shardings=(shardings, batch_shardings, index_shardings),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0)
-  bound = lambda state, batch: step(state, batch, class_index)
-  bound.lower = lambda state, batch: step.lower(state, batch, class_index)
-  return bound
+  return _Bound(step, class_index)
+
+
+class _Bound:
+  """A jitted `f(state, batch, class_index)` (or its lowered or compiled form) with the index
+  bound: called, lowered and compiled as `(state, batch)`. The index is an argument, not a
+  constant folded into the program (XLA would embed its N' entries)."""
+
+  def __init__(self, f, class_index):
+    self._f, self._index = f, class_index
+
+  def __call__(self, state, batch):
+    return self._f(state, batch, self._index)
+
+  def lower(self, state, batch):
+    return _Bound(self._f.lower(state, batch, self._index), self._index)
+
+  def compile(self):
+    return _Bound(self._f.compile(), self._index)
+
+  def __getattr__(self, name):          # as_text, cost_analysis, memory_analysis, ...
+    return getattr(self._f, name)
 
 
 def device_batch(batch, mesh):

@@ -129,7 +129,8 @@ def record_steps(out):
   processes) and the first step's loss, gradient and bank rows are computed before it runs."""
   make_train_step = step_lib.make_train_step
 
-  def recording(model, tx, config, *, steps_per_epoch, shardings, mesh):
+  def recording(model, tx, config, *, steps_per_epoch, shardings, mesh, class_index=None):
+    assert class_index is None          # ten classes: the probes below go without it
     train_step = make_train_step(model, tx, config, steps_per_epoch=steps_per_epoch,
                                  shardings=shardings, mesh=mesh)
     probes = {'first': model, 'first_global_bn': models.model_from_config(

@@ -59,7 +59,7 @@ def test_nca_step_against_torch_and_dense():
             'ours_bf16,no_index,with_index,dense,torch')
   assert re.search(r'ours_bf16: [\d.]+x faster than torch, [\d.]+x faster than dense, '
                    r'[\d.]+x faster than no_index', out)
-  assert re.search(r'^with_index\s+[\d.]+\s+[\d.]+', out, re.M), out
+  assert re.search(r'^with_index\s+[\d.]+\s', out, re.M), out
   assert 'failed' not in out
 
 
