@@ -204,7 +204,8 @@ def main(argv=None):
   bank_mb = args.n * args.d * 4 / 2**20
   sys.path.insert(0, ROOT)
   from snca_jax import distributed
-  print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, {args.classes} classes, JAX on its default backend, CPU '
+  print(f'NCA step, N={args.n:,} B={args.b} D={args.d}, {args.classes} classes, JAX on its '
+        f'default backend, CPU '
         f'x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; bank = '
         f'{bank_mb:.0f} MB (peak MB: host memory)')
   results, failed = {}, []
