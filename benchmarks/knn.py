@@ -9,8 +9,10 @@
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
-Both run on the same bank and queries in one process; the table gives queries per second
-(median of --repeats, after one warm-up), and the agreement of the two top-K lists. Needs
+Both run on the same bank and queries in one process, timed in turns (faiss, then each of
+ours, --repeats rounds after one warm-up each: a shared machine's busy spells fall on all
+alike); the table gives the median seconds and queries per second, and the agreement of the
+two top-K lists. Needs
 `pip install -r benchmarks/requirements.txt`.
 """
 
@@ -32,14 +34,18 @@ def unit(x):
   return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def timed(fn, repeats):
-  fn()
-  times = []
+def timed(fns, repeats):
+  """(output, median seconds) of each of `fns`, timed in turns: one warm-up call each, then
+  `repeats` rounds that call each once, so that a busy spell of a shared machine falls on all
+  of them alike."""
+  outs = [fn() for fn in fns]
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    t = time.perf_counter()
-    out = fn()
-    times.append(time.perf_counter() - t)
-  return out, float(np.median(times))
+    for i, fn in enumerate(fns):
+      t = time.perf_counter()
+      outs[i] = fn()
+      times[i].append(time.perf_counter() - t)
+  return [(out, float(np.median(ts))) for out, ts in zip(outs, times)]
 
 
 def main(argv=None):
@@ -66,6 +72,7 @@ def main(argv=None):
 
   import faiss
   import jax
+  from snca_jax import bank as bank_lib
   from snca_jax import distributed
   from snca_jax import knn
   from snca_jax import mesh as mesh_lib
@@ -80,8 +87,7 @@ def main(argv=None):
   sigma = 0.05
 
   mesh = mesh_lib.make_mesh()
-  dev_bank = jax.device_put(bank, mesh_lib.row_sharding(mesh))
-  dev_labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
+  dev_bank, dev_labels = bank_lib.place(bank, labels, mesh)   # padded to a multiple of devices
 
   def ours(k, dtype, method='auto'):
     return lambda: knn.knn_classify(queries, dev_bank, dev_labels, k=k, sigma=sigma,
@@ -110,27 +116,25 @@ def main(argv=None):
       return scores, idx
     return run
 
+  methods = [m for m in (('ours', np.float32, 'auto'), ('ours_bf16', jax.numpy.bfloat16, 'auto'),
+                         ('chunked', np.float32, 'chunked')) if m[0] in args.methods.split(',')]
   for k in [int(v) for v in args.k.split(',')]:
-    (faiss_scores, faiss_idx), t_faiss = timed(with_faiss(k), args.repeats)
+    results = timed([with_faiss(k)] + [ours(k, dtype, method) for _, dtype, method in methods],
+                    args.repeats)
+    (faiss_scores, faiss_idx), t_faiss = results[0]
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
-          f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; '
-          f'blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group')
+          f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
+          f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group')
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
     print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
-    for name, dtype, method in (('ours', np.float32, 'auto'),
-                                ('ours_bf16', jax.numpy.bfloat16, 'auto'),
-                                ('chunked', np.float32, 'chunked')):
-      if name not in args.methods.split(','):
-        continue
-      scores, t = timed(ours(k, dtype, method), args.repeats)
+    for (name, dtype, method), (scores, t) in zip(methods, results[1:]):
       idx = ours_neighbors(k, dtype, method)
       overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, faiss_idx)])
       same = np.mean(np.argmax(scores, 1) == np.argmax(faiss_scores, 1))
       print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
             f"{100 * same:11.2f}%")
     print()
-
 
 if __name__ == '__main__':
   main()

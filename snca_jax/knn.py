@@ -66,7 +66,9 @@ def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
 BLOCK = 32
 TILE_BYTES = 2 ** 24
 GROUP_BLOCKS = 8192
-RESCORE_BYTES = 2 ** 26           # the candidate rows gathered for a tile of queries
+# The candidate rows gathered for a tile of queries: 8 MB (K = 200: 2 queries, 0.73 s for
+# 2,048 on the AMD EPYC, against 1.16 s with 64 MB; BENCHMARKS.md, kNN search).
+RESCORE_BYTES = 2 ** 23
 
 
 def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
@@ -76,14 +78,14 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
        The scores are made tile by tile and reduced to block maxima while in cache; a running
        top k of blocks is kept, selected from GROUP_BLOCKS maxima at a time, so memory does
        not grow with the bank.
-    2. the k best blocks' rows (and the rows after the last whole block) scored again, their
-       top k taken.
+    2. the k best blocks' rows (and the rows after the last whole block) scored again in
+       float32 whatever `matmul_dtype` (exact similarities), their top k taken.
   Rows with a negative label never count."""
   rows, dim = bank.shape
   nq = q.shape[0]
   block = BLOCK
   full = rows // block * block
-  q = q.astype(matmul_dtype)
+  q32, q = q, q.astype(matmul_dtype)
   chunk = min(full, max(block, TILE_BYTES // (4 * nq) // block * block))
   if full // chunk * chunk < k * block:         # a group must hold at least k blocks
     chunk = block
@@ -100,6 +102,10 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     maxima = jax.lax.map(lambda a: block_maxima(*a),
                          (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
     maxima = jnp.moveaxis(maxima, 0, 1).reshape(nq, group // block)
+    # Blocks below the k-th best maximum so far cannot enter the top k: out before the
+    # selection, whose cost grows with the entries that do (a third of it, in groups after the
+    # first; BENCHMARKS.md, kNN search).
+    maxima = jnp.where(maxima >= best[0][:, -1:], maxima, -jnp.inf)
     vals, ids = jax.lax.top_k(maxima, k)
     vals = jnp.concatenate([best[0], vals], axis=1)
     ids = jnp.concatenate([best[1], ids + first[0] // block], axis=1)
@@ -109,7 +115,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
   init = (jnp.full((nq, k), -jnp.inf), jnp.zeros((nq, k), jnp.int32))
   _, best_blocks = bank_lib.scan_chunks(fold, init, (bank, labels), group, total=full)
 
-  tail_rows, tail_labels = bank[full:].astype(matmul_dtype), labels[full:]
+  tail_rows, tail_labels = bank[full:], labels[full:]
   tile = max(1, min(nq, RESCORE_BYTES // (k * block * dim * 4)))
   padded = -(-nq // tile) * tile
   # The k best blocks of each query gathered as whole (block, D) slices of the bank, in place.
@@ -128,7 +134,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     cand = rows_of(bank, starts).reshape(qt.shape[0], k * block, dim)  # (T, k x block, D)
     # A matrix-vector product per query, over its k x block rows (one contraction over
     # (T, k, block, D) was slower on XLA's CPU: BENCHMARKS.md, kNN search).
-    sims = jnp.einsum('tnd,td->tn', cand.astype(matmul_dtype), qt,
+    sims = jnp.einsum('tnd,td->tn', cand, qt,
                       preferred_element_type=jnp.float32)
     sims = jnp.where(labels_of(labels, starts).reshape(qt.shape[0], -1) >= 0, sims, -jnp.inf)
     ids = (starts + jnp.arange(block)).reshape(qt.shape[0], -1)
@@ -139,7 +145,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     vals, pick = jax.lax.top_k(sims, k)
     return vals, jnp.take_along_axis(ids, pick, axis=1).astype(jnp.int32)
 
-  qs = jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim)
+  qs = jnp.pad(q32, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim)
   bs = jnp.pad(best_blocks, ((0, padded - nq), (0, 0))).reshape(-1, tile, k)
   vals, idx = jax.lax.map(rescore, (qs, bs))
   return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
@@ -164,7 +170,8 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
   (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh.
   `matmul_dtype=jnp.bfloat16` scores in bfloat16 (float32 accumulation): faster, and the
-  neighbours can differ where similarities nearly tie. `method`: 'blocked' (two passes over
+  neighbours can differ where similarities nearly tie (the blocked search returns their float32
+  similarities). `method`: 'blocked' (two passes over
   blocks of rows, `_blocked_top_k`), 'chunked' (a running top k over chunks, `_local_top_k`),
   or 'auto' (blocked on CPUs where a device holds at least k blocks of rows)."""
 
@@ -191,7 +198,10 @@ def vote(sims, labels, *, sigma, num_classes):
   """
   w = jnp.exp((sims - sims[:, :1]) / sigma)
   w = jnp.where(labels >= 0, w, 0.0)
-  return jnp.sum(jax.nn.one_hot(labels, num_classes) * w[..., None], axis=1)
+  # Added into (Q, C) at each neighbour's label: Q x K additions (a one-hot product would make
+  # Q x K x C products: 0.5 s of K = 200's search on a CPU, benchmarks/knn.py).
+  rows = jnp.broadcast_to(jnp.arange(sims.shape[0])[:, None], labels.shape)
+  return jnp.zeros((sims.shape[0], num_classes), w.dtype).at[rows, jnp.maximum(labels, 0)].add(w)
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'sigma', 'num_classes', 'mesh',

@@ -141,3 +141,25 @@ def test_a_database_is_counted_once(monkeypatch):
   monkeypatch.setattr(bank_lib, 'database_size', lambda labels: calls.append(1) or count(labels))
   database = Database(np.zeros((5, 3), np.float32), jax.numpy.asarray([0, 1, 1, -1, -1]))
   assert database.size == 3 and database.size == 3 and len(calls) == 1
+
+
+def test_bfloat16_search_returns_float32_similarities():
+  """With `matmul_dtype=bfloat16` the blocked search picks its blocks from bfloat16 scores, then
+  scores their rows again in float32: the similarities it returns are the float32 ones of the
+  rows returned, and the rows are the brute-force ones but where scores nearly tie."""
+  q, bank, labels, _ = problem(6, Q=9, N=4099, D=16)
+  mesh = mesh_lib.make_mesh(jax.devices()[:2])
+  bank_p, labels_p = np.concatenate([bank, bank[:1]]), np.concatenate([labels, [-1]])
+  sims, idx, _ = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=30, mesh=mesh,
+      matmul_dtype=jax.numpy.bfloat16, method='blocked')
+  idx = np.asarray(idx)
+  scores = q @ bank.T
+  np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(scores, idx, 1), rtol=1e-5,
+                             atol=1e-6)
+  # bfloat16's rounding moves a unit-norm similarity by under 2 x 2^-8: rows outside that
+  # margin of the 30th best score are found as brute force finds them.
+  kth = np.sort(scores, axis=1)[:, -30:-29]
+  sure = scores > kth + 2 ** -6
+  assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
