@@ -15,6 +15,14 @@ CPU mode, in one run, on all of this machine's cores:
 The step's inputs are synthetic (uint8 images for ours, normalised on the device; float32 for
 torch, as its loader hands them over), and so are the labels.
 
+Demo mode (--demo): the step `make demo` trains (configs/fashion_mnist.py: small_resnet, batch
+128 of 28x28x1, bank of 60,000 rows), run as the demo runs it (one JAX device per core, each
+single-threaded, unless XLA_FLAGS already names a device count), with each lever beside it, all
+compiled first and then timed in turns (the machine's busy spells fall on all alike):
+  a bank of 6,000 rows (the NCA kernel's share of the step: its work scales with the bank),
+  the NCA products in bfloat16, batch 256 (learning rate 0.2), the network in bfloat16.
+Every step reads the previous step's metrics back, as train.py does.
+
 Accelerator mode: ResNet-50 at 224x224 in bfloat16 (float32 parameters, optimizer state and
 bank), bank of N = 1,281,167 rows; images/s, and the model FLOPs utilisation: the FLOPs XLA
 counts in the compiled step over its time, against the chip's dense bfloat16 peak
@@ -121,6 +129,78 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
     jax.block_until_ready(g)
 
   return run_full, run_resnet, flops
+
+
+def demo(args):
+  """The demo's step and its levers: [(label, images/s)], timed in turns."""
+  import jax
+  from configs import fashion_mnist
+  from snca_jax import mesh as mesh_lib
+  from snca_jax import models
+  from snca_jax import optim
+  from snca_jax import schema
+  from snca_jax import state as state_lib
+  from snca_jax import step as step_lib
+
+  n_bank, size = (1_000, 28) if args.smoke else (60_000, 28)
+  mesh = mesh_lib.make_mesh()
+  rng = np.random.default_rng(0)
+
+  def build(overrides, rows=n_bank):
+    config = fashion_mnist.get_config()
+    for item in overrides:
+      schema.override(config, item)
+    if args.smoke:
+      config.model, config.batch_size = 'tiny_resnet', config.batch_size // 16
+    batch = config.batch_size
+    model = models.model_from_config(config, num_devices=mesh.size)
+    tx = optim.make_optimizer(config, rows // batch)
+    labels = (np.arange(rows) % 10).astype(np.int32)
+    state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
+                                         image_shape=(size, size, 1), low_dim=config.low_dim,
+                                         mesh=mesh)
+    step = step_lib.make_train_step(
+        model, tx, config, steps_per_epoch=rows // batch,
+        shardings=jax.tree.map(lambda a: a.sharding, state), mesh=mesh,
+        class_index=step_lib.class_index(config, state.bank_labels, mesh))
+    batches = [step_lib.device_batch({
+        'image': rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
+        'index': rng.choice(rows, batch, replace=False).astype(np.int32),
+        'label': rng.integers(0, 10, batch).astype(np.int32)}, mesh) for _ in range(4)]
+    compiled = step.lower(state, batches[0]).compile()
+
+    def run(steps):
+      nonlocal state
+      pending = None
+      for i in range(steps):
+        state, metrics = compiled(state, batches[i % len(batches)])
+        if pending is not None:
+          jax.device_get(pending)                  # as train.py: the previous step's metrics
+        pending = metrics
+      jax.device_get(pending)
+    run(2)                                         # warm up
+    return run, batch
+
+  variants = [('the demo step', [], n_bank),
+              (f'a bank of {n_bank // 10:,} rows', [], n_bank // 10),
+              ('NCA products in bfloat16', ['nca_matmul_dtype=bfloat16'], n_bank),
+              ('batch 256, learning rate 0.2', ['batch_size=256', 'learning_rate=0.2'], n_bank),
+              ('the network in bfloat16', ['dtype=bfloat16'], n_bank)]
+  if args.smoke:         # every lever's settings checked, two steps compiled (the suite's time)
+    for _, overrides, _ in variants:
+      for item in overrides:
+        schema.override(fashion_mnist.get_config(), item)
+    variants = variants[:2]
+  runs = [build(overrides, rows) for _, overrides, rows in variants]
+  steps = args.steps or (2 if args.smoke else 40)
+  times = [[] for _ in runs]
+  for _ in range(args.repeats):
+    for i, (run, batch) in enumerate(runs):
+      t = time.perf_counter()
+      run(steps * 128 // batch if not args.smoke else steps)
+      times[i].append(time.perf_counter() - t)
+  return [(label, (steps * 128 if not args.smoke else steps * batch) / float(np.median(ts)))
+          for (label, _, _), (_, batch), ts in zip(variants, runs, times)]
 
 
 def timed(fn, steps, repeats):
@@ -234,10 +314,31 @@ def main(argv=None):
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
                  'lever: twice the batch, BatchNorm statistics in the compute dtype, the '
                  'Pallas NCA kernel')
+  p.add_argument('--demo', action='store_true', help="make demo's step and its levers")
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
   args = p.parse_args(argv)
+  if args.demo and 'device_count' not in os.environ.get('XLA_FLAGS', ''):   # as the Makefile
+    os.environ['XLA_FLAGS'] = (f'--xla_force_host_platform_device_count={os.cpu_count()} '
+                               f'--xla_cpu_multi_thread_eigen=false '
+                               f'{os.environ.get("XLA_FLAGS", "")}')
   import jax
+  if args.demo:
+    if args.smoke:
+      args.repeats = 1
+      print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
+    from snca_jax import distributed
+    print(f"make demo's step (configs/fashion_mnist.py), {len(jax.devices())} x "
+          f"{jax.devices()[0].device_kind} ({distributed.processor()}), "
+          f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; median of {args.repeats} rounds in turns")
+    results = demo(args)
+    base = results[0][1]
+    for label, rate in results:
+      print(f'{label:40s} {rate:9.1f} images/s {rate / base:6.2f}x')
+    nca = 1 / base - 1 / results[1][1]           # the NCA kernel's time scales with the bank
+    print(f'the NCA kernel against the bank: about {100 * nca * base / 0.9:.0f}% of the step '
+          f'(from the step with a tenth of the bank)')
+    return
   device = jax.devices()[0]
   if args.accelerator:
     args.batch, args.steps = args.batch or 256, args.steps or 20

@@ -53,6 +53,16 @@ def test_train_step_beside_pytorch():
   assert re.search(r'ours / torch: [\d.]+x', out)
 
 
+def test_demo_step_and_its_levers():
+  """train_step.py --demo: make demo's step as the demo runs it (a device per core), with the
+  NCA kernel's share of it."""
+  out = run(sys.executable, 'benchmarks/train_step.py', '--demo', '--smoke')
+  assert 'xla_force_host_platform_device_count' in out
+  for label in ('the demo step', 'a bank of 100 rows'):
+    assert re.search(rf'^{label}\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
+  assert re.search(r'the NCA kernel against the bank: about -?\d+% of the step', out), out
+
+
 def test_nca_step_against_torch_and_dense():
   """The variants gpu.sh's smoke run leaves out (each runs in a process of its own)."""
   out = run(sys.executable, 'benchmarks/nca_step.py', '--smoke', '--variants',
