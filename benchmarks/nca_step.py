@@ -174,12 +174,13 @@ def torch_variant(args):
 
 
 def child(args):
-  if args.run == 'torch':
-    times, base = torch_variant(args)
-  else:
-    times, base = jax_variant(args.run, args)
-  print(json.dumps({'variant': args.run, 'ms': 1000 * float(np.median(times)),
-                    'peak_mb': rss_mb('VmHWM') - base}))
+  for v in args.run.split(','):      # one variant a process, but in a smoke run (all in one)
+    if v == 'torch':
+      times, base = torch_variant(args)
+    else:
+      times, base = jax_variant(v, args)
+    print(json.dumps({'variant': v, 'ms': 1000 * float(np.median(times)),
+                      'peak_mb': rss_mb('VmHWM') - base}), flush=True)
 
 
 def main(argv=None):
@@ -191,13 +192,16 @@ def main(argv=None):
   p.add_argument('--classes', type=int, default=1000, help='balanced random labels')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
-  p.add_argument('--run', choices=VARIANTS + ON_REQUEST, help=argparse.SUPPRESS)
+  p.add_argument('--run', help=argparse.SUPPRESS)
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 2,000, B = 16), to check that it runs')
   args = p.parse_args(argv)
   if args.smoke:
     args.n, args.b, args.repeats = 2_000, 16, 1
   if args.run:
+    unknown = set(args.run.split(',')) - set(VARIANTS + ON_REQUEST)
+    if unknown:
+      p.error(f'--run {",".join(sorted(unknown))}: choose from {", ".join(VARIANTS + ON_REQUEST)}')
     return child(args)
   if args.smoke:
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
@@ -209,16 +213,22 @@ def main(argv=None):
         f'x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; bank = '
         f'{bank_mb:.0f} MB (peak MB: host memory)')
   results, failed = {}, []
-  for v in args.variants.split(','):
-    cmd = [sys.executable, __file__, '--run', v, '--n', str(args.n), '--b', str(args.b),
-           '--d', str(args.d), '--chunk', str(args.chunk), '--repeats', str(args.repeats),
-           '--classes', str(args.classes)]
+  # Each variant in a process of its own, so that its peak memory is its own; a smoke run's
+  # figures mean nothing, and its variants share one process (the suite's time).
+  variants = args.variants.split(',')
+  for group in [variants] if args.smoke else [[v] for v in variants]:
+    cmd = [sys.executable, __file__, '--run', ','.join(group), '--n', str(args.n), '--b',
+           str(args.b), '--d', str(args.d), '--chunk', str(args.chunk), '--repeats',
+           str(args.repeats), '--classes', str(args.classes)] + ['--smoke'] * args.smoke
     r = subprocess.run(cmd, capture_output=True, text=True)
+    for line in r.stdout.splitlines():
+      if line.startswith('{'):
+        results[json.loads(line)['variant']] = json.loads(line)
     if r.returncode != 0:
-      print(f'{v:6s} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}')
-      failed.append(v)
-      continue
-    results[v] = json.loads(r.stdout.strip().splitlines()[-1])
+      why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+      for v in group[len([v for v in group if v in results]):]:
+        print(f'{v:6s} failed: {why}')
+        failed.append(v)
   floor = results.get('floor', {}).get('ms')
   print(f"{'variant':11s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}")
   for v, r in results.items():
