@@ -12,8 +12,7 @@
 Both run on the same bank and queries in one process, timed in turns (faiss, then each of
 ours, --repeats rounds after one warm-up each: a shared machine's busy spells fall on all
 alike); the table gives the median seconds and queries per second, and the agreement of the
-two top-K lists. Needs
-`pip install -r benchmarks/requirements.txt`.
+two top-K lists. Needs `pip install -r benchmarks/requirements.txt`.
 """
 
 import argparse
@@ -135,6 +134,7 @@ def main(argv=None):
       print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
             f"{100 * same:11.2f}%")
     print()
+
 
 if __name__ == '__main__':
   main()
