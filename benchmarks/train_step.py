@@ -42,6 +42,37 @@ PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0
                     'TPU v5 lite': 197.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0}
 
 
+def compiled_step(config, n_bank, image_shape, classes):
+  """`config`'s jitted train step as training makes it (with the class index where training
+  would use one), on the default devices, compiled for 4 synthetic batches of uint8 images:
+  (model, tx, state, batches, compiled)."""
+  import jax
+  from snca_jax import mesh as mesh_lib
+  from snca_jax import models
+  from snca_jax import optim
+  from snca_jax import state as state_lib
+  from snca_jax import step as step_lib
+
+  mesh = mesh_lib.make_mesh()
+  batch = config.batch_size
+  model = models.model_from_config(config, num_devices=mesh.size)
+  tx = optim.make_optimizer(config, n_bank // batch)
+  labels = np.arange(n_bank, dtype=np.int32) % classes
+  state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
+                                       image_shape=image_shape,
+                                       low_dim=models.embedding_dim(config), mesh=mesh)
+  step = step_lib.make_train_step(
+      model, tx, config, steps_per_epoch=n_bank // batch,
+      shardings=jax.tree.map(lambda a: a.sharding, state), mesh=mesh,
+      class_index=step_lib.class_index(config, state.bank_labels, mesh))
+  rng = np.random.default_rng(0)
+  batches = [step_lib.device_batch({
+      'image': rng.integers(0, 256, (batch,) + image_shape, dtype=np.uint8),
+      'index': rng.choice(n_bank, batch, replace=False).astype(np.int32),
+      'label': rng.integers(0, classes, batch).astype(np.int32)}, mesh) for _ in range(4)]
+  return model, tx, state, batches, step.lower(state, batches[0]).compile()
+
+
 def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
          count_flops=True, nca_kernel='xla'):
   import jax
@@ -49,35 +80,19 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
   from configs import cifar10_resnet18
   from snca_jax import mesh as mesh_lib
   from snca_jax import models
-  from snca_jax import optim
   from snca_jax import state as state_lib
   from snca_jax import step as step_lib
 
   config = cifar10_resnet18.get_config()
   args = argparse.Namespace(**{**vars(args), 'batch': batch_size or args.batch})
-  config.model, config.batch_size = model_name, args.batch
+  config.model = model_name
   config.bn_float32_statistics = bn_float32
   config.nca_kernel = nca_kernel
   config.dtype = config.nca_matmul_dtype = dtype
   config.nca_chunk_size = args.chunk
-  mesh = mesh_lib.make_mesh()
-  model = models.model_from_config(config)
-  tx = optim.make_optimizer(config, n_bank // args.batch)
-  labels = np.arange(n_bank, dtype=np.int32) % (1000 if n_bank > 100_000 else 10)
-  state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
-                                       image_shape=(image_size, image_size, 3),
-                                       low_dim=128, mesh=mesh)
-  shardings = jax.tree.map(lambda a: a.sharding, state)
-  train_step = step_lib.make_train_step(   # with the class index where training would use one
-      model, tx, config, steps_per_epoch=n_bank // args.batch, shardings=shardings, mesh=mesh,
-      class_index=step_lib.class_index(config, state.bank_labels, mesh))
-  rng = np.random.default_rng(0)
-  batches = [step_lib.device_batch({
-      'image': rng.integers(0, 256, (args.batch, image_size, image_size, 3), dtype=np.uint8),
-      'index': rng.choice(n_bank, args.batch, replace=False).astype(np.int32),
-      'label': rng.integers(0, 10, args.batch).astype(np.int32)}, mesh)
-      for _ in range(4)]
-  compiled = train_step.lower(state, batches[0]).compile()
+  config.batch_size = args.batch
+  model, tx, state, batches, compiled = compiled_step(
+      config, n_bank, (image_size, image_size, 3), 1000 if n_bank > 100_000 else 10)
   if not count_flops:
     def run_only(steps):
       nonlocal state
@@ -135,16 +150,9 @@ def demo(args):
   """The demo's step and its levers: [(label, images/s)], timed in turns."""
   import jax
   from configs import fashion_mnist
-  from snca_jax import mesh as mesh_lib
-  from snca_jax import models
-  from snca_jax import optim
   from snca_jax import schema
-  from snca_jax import state as state_lib
-  from snca_jax import step as step_lib
 
   n_bank, size = (1_000, 28) if args.smoke else (60_000, 28)
-  mesh = mesh_lib.make_mesh()
-  rng = np.random.default_rng(0)
 
   def build(overrides, rows=n_bank):
     config = fashion_mnist.get_config()
@@ -152,22 +160,7 @@ def demo(args):
       schema.override(config, item)
     if args.smoke:
       config.model, config.batch_size = 'tiny_resnet', config.batch_size // 16
-    batch = config.batch_size
-    model = models.model_from_config(config, num_devices=mesh.size)
-    tx = optim.make_optimizer(config, rows // batch)
-    labels = (np.arange(rows) % 10).astype(np.int32)
-    state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
-                                         image_shape=(size, size, 1), low_dim=config.low_dim,
-                                         mesh=mesh)
-    step = step_lib.make_train_step(
-        model, tx, config, steps_per_epoch=rows // batch,
-        shardings=jax.tree.map(lambda a: a.sharding, state), mesh=mesh,
-        class_index=step_lib.class_index(config, state.bank_labels, mesh))
-    batches = [step_lib.device_batch({
-        'image': rng.integers(0, 256, (batch, size, size, 1), dtype=np.uint8),
-        'index': rng.choice(rows, batch, replace=False).astype(np.int32),
-        'label': rng.integers(0, 10, batch).astype(np.int32)}, mesh) for _ in range(4)]
-    compiled = step.lower(state, batches[0]).compile()
+    _, _, state, batches, compiled = compiled_step(config, rows, (size, size, 1), 10)
 
     def run(steps):
       nonlocal state
@@ -179,7 +172,7 @@ def demo(args):
         pending = metrics
       jax.device_get(pending)
     run(2)                                         # warm up
-    return run, batch
+    return run, config.batch_size
 
   variants = [('the demo step', [], n_bank),
               (f'a bank of {n_bank // 10:,} rows', [], n_bank // 10),
@@ -192,14 +185,15 @@ def demo(args):
         schema.override(fashion_mnist.get_config(), item)
     variants = variants[:2]
   runs = [build(overrides, rows) for _, overrides, rows in variants]
-  steps = args.steps or (2 if args.smoke else 40)
+  # The same images in each variant's run: the demo batch's steps, fewer with a larger batch.
+  images = (args.steps or (2 if args.smoke else 40)) * runs[0][1]
   times = [[] for _ in runs]
   for _ in range(args.repeats):
     for i, (run, batch) in enumerate(runs):
       t = time.perf_counter()
-      run(steps * 128 // batch if not args.smoke else steps)
+      run(max(1, images // batch))
       times[i].append(time.perf_counter() - t)
-  return [(label, (steps * 128 if not args.smoke else steps * batch) / float(np.median(ts)))
+  return [(label, max(1, images // batch) * batch / float(np.median(ts)))
           for (label, _, _), (_, batch), ts in zip(variants, runs, times)]
 
 

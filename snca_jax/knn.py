@@ -66,8 +66,8 @@ def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
 BLOCK = 32
 TILE_BYTES = 2 ** 24
 GROUP_BLOCKS = 8192
-# The candidate rows gathered for a tile of queries: 8 MB (K = 200: 2 queries, 0.73 s for
-# 2,048 on the AMD EPYC, against 1.16 s with 64 MB; BENCHMARKS.md, kNN search).
+# The candidate rows gathered for a tile of queries: 8 MB (K = 200: 2 queries; K = 30: 16),
+# faster than 64 MB on the AMD EPYC (BENCHMARKS.md, kNN search).
 RESCORE_BYTES = 2 ** 23
 
 
@@ -103,8 +103,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
                          (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
     maxima = jnp.moveaxis(maxima, 0, 1).reshape(nq, group // block)
     # Blocks below the k-th best maximum so far cannot enter the top k: out before the
-    # selection, whose cost grows with the entries that do (a third of it, in groups after the
-    # first; BENCHMARKS.md, kNN search).
+    # selection, whose cost grows with the entries that can (BENCHMARKS.md, kNN search).
     maxima = jnp.where(maxima >= best[0][:, -1:], maxima, -jnp.inf)
     vals, ids = jax.lax.top_k(maxima, k)
     vals = jnp.concatenate([best[0], vals], axis=1)
@@ -199,7 +198,7 @@ def vote(sims, labels, *, sigma, num_classes):
   w = jnp.exp((sims - sims[:, :1]) / sigma)
   w = jnp.where(labels >= 0, w, 0.0)
   # Added into (Q, C) at each neighbour's label: Q x K additions (a one-hot product would make
-  # Q x K x C products: 0.5 s of K = 200's search on a CPU, benchmarks/knn.py).
+  # Q x K x C products, the largest cost of K = 200 with 1,000 classes on a CPU).
   rows = jnp.broadcast_to(jnp.arange(sims.shape[0])[:, None], labels.shape)
   return jnp.zeros((sims.shape[0], num_classes), w.dtype).at[rows, jnp.maximum(labels, 0)].add(w)
 

@@ -56,7 +56,7 @@ def test_demo_step_and_its_levers():
   """train_step.py --demo: make demo's step as the demo runs it (a device per core), with the
   NCA kernel's share of it."""
   out = run(sys.executable, 'benchmarks/train_step.py', '--demo', '--smoke')
-  assert 'xla_force_host_platform_device_count' in out
+  assert f'xla_force_host_platform_device_count={os.cpu_count()} ' in out   # as the Makefile
   for label in ('the demo step', 'a bank of 100 rows'):
     assert re.search(rf'^{label}\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
   assert re.search(r'the NCA kernel against the bank: about -?\d+% of the step', out), out
