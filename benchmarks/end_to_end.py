@@ -13,8 +13,8 @@ training step on synthetic batches, in one run.
 3. Times the same jitted training step (the recipe's model, batch, precision and a bank of
    --n rows) in this process on synthetic uint8 batches already on the device: the rate the
    input pipeline has to keep up with.
-4. Prints end to end / synthetic (the goal: at least 0.9), then runs eval_knn.py on the run and
-   prints its time and its line.
+4. Prints end to end / synthetic (the goal: at least 0.9), and the time and line of eval_knn.py
+   on the run (which runs before step 3, while no process of this run holds the accelerator).
 The host's cores read and transform as the recipe says (`data.num_threads`, `worker_count`).
 """
 
@@ -155,16 +155,20 @@ def main():
     print(f'train.py: {train_s:.0f} s in all, of which preparing the training folder '
           f'{seconds:.1f} s' + (f' ({args.n / seconds:.0f} images/s)' if seconds else ''))
     end_to_end = steady_rate(os.path.join(run, 'metrics.jsonl'), config.batch_size)
-    synthetic = synthetic_rate(config, args.n, args.steps)
-    print(f'training step, synthetic batches on the device: {synthetic:8.0f} images/s')
-    print(f'train.py on the JPEG folder (after compiling):  {end_to_end:8.0f} images/s = '
-          f'{end_to_end / synthetic:.2f} x synthetic')
+    # eval_knn.py before this process takes the accelerator (JAX reserves most of a GPU's
+    # memory for the process that first uses it).
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, 'eval_knn.py', '--workdir', run], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if r.returncode:
       raise SystemExit(f'eval_knn.py failed:\n{r.stderr[-3000:]}')
-    print(f'eval_knn.py: {time.perf_counter() - t0:.0f} s; {r.stdout.strip().splitlines()[-1]}')
+    evaluated = f'eval_knn.py: {time.perf_counter() - t0:.0f} s; ' + (
+        r.stdout.strip().splitlines()[-1])
+    synthetic = synthetic_rate(config, args.n, args.steps)
+    print(f'training step, synthetic batches on the device: {synthetic:8.0f} images/s')
+    print(f'train.py on the JPEG folder (after compiling):  {end_to_end:8.0f} images/s = '
+          f'{end_to_end / synthetic:.2f} x synthetic')
+    print(evaluated)
   finally:
     if args.workdir is None:
       shutil.rmtree(work, ignore_errors=True)

@@ -11,12 +11,16 @@
   with_index  the same with the class index whatever the classes (on request: --variants)
   ours_bf16  the same with matmul_dtype=bfloat16 (bfloat16 products, float32 accumulation)
   pallas, pallas_bf16  the same with kernel='pallas': each device's pass over its rows as one
-         Pallas kernel (snca_jax/nca_pallas.py), for GPUs; only when asked for (--variants), as
-         on a CPU Pallas interprets it
+         Pallas kernel (snca_jax/nca_pallas.py), for GPUs, with the class index where it pays;
+         only when asked for (--variants), as on a CPU Pallas interprets it. `pallas:TILES`
+         (say pallas_bf16:e64r128w8s3) times another tiling: at most e examples a program, r
+         bank rows a step, w Triton warps, s pipeline stages (nca_pallas.Tiles)
   dense  snca_jax.nca.nca_loss (the dense reference) + snca_jax.bank.update, jitted, bank donated
   torch  the original's operation in PyTorch: LinearAverage (x @ memory.T / T; backward
          grad @ memory / T, then the in-place momentum update of the memory) + NCACrossEntropy
   floor  the two matrix products alone: (B, D) x (D, N), then (B, N) x (N, D)
+  floor_bf16  the same in bfloat16 (float32 accumulation; the bank converted as the kernels do):
+         the floor of the _bf16 variants (on request)
 
 Each variant runs in its own process, so that its peak resident memory (VmHWM) is its own; the
 table gives the median step time (after one warm-up step) and the peak memory of the step:
@@ -29,6 +33,7 @@ variant needs `pip install -r benchmarks/requirements.txt`.
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -38,7 +43,21 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('ours', 'ours_bf16', 'no_index', 'dense', 'torch', 'floor')
 PALLAS = ('pallas', 'pallas_bf16')     # on request (gpu.sh): interpreted, hence slow, on a CPU
-ON_REQUEST = PALLAS + ('with_index',)
+ON_REQUEST = PALLAS + ('with_index', 'floor_bf16')
+
+
+def parse_variant(variant):
+  """'pallas_bf16:e64r128w8s3' -> ('pallas_bf16', Tiles(64, 128, 8, 3)); others: (name, None)."""
+  name, _, spec = variant.partition(':')
+  if not spec:
+    return name, None
+  m = re.fullmatch(r'e(\d+)r(\d+)w(\d+)s(\d+)', spec)
+  if name not in PALLAS or not m:
+    raise ValueError(f'{variant}: a tiling is written pallas[_bf16]:e<examples>r<rows>w<warps>'
+                     f's<stages>, say pallas_bf16:e64r128w8s3')
+  sys.path.insert(0, ROOT)
+  from snca_jax import nca_pallas
+  return name, nca_pallas.Tiles(*map(int, m.groups()))
 
 
 def rss_mb(field='VmRSS'):
@@ -81,10 +100,13 @@ def jax_variant(name, args):
   from snca_jax import bank as bank_lib
   from snca_jax import mesh as mesh_lib
   from snca_jax import nca
+  from snca_jax import nca_pallas
+  name, tiles = parse_variant(name)
+  nca_pallas.TILES = tiles or nca_pallas.Tiles()    # this variant's tiling (or the default)
   f, idx, labels = make_inputs(args.n, args.b, args.d, args.classes)
   mesh = mesh_lib.make_mesh()
   labels = jax.device_put(labels, mesh_lib.row_sharding(mesh))
-  auto = name in ('ours', 'ours_bf16') and nca.class_index_pays(labels)
+  auto = name in ('ours', 'ours_bf16') + PALLAS and nca.class_index_pays(labels)
   index = nca.class_index(labels, mesh) if auto or name == 'with_index' else None
   f, idx = jnp.asarray(f), jnp.asarray(idx)
   T = 0.05
@@ -92,6 +114,12 @@ def jax_variant(name, args):
   if name == 'floor':
     def step(bank, f):
       return bank, (f @ bank.T) @ bank
+  elif name == 'floor_bf16':
+    def step(bank, f):
+      b16 = bank.astype(jnp.bfloat16)
+      s = jnp.einsum('bd,nd->bn', f.astype(jnp.bfloat16), b16, preferred_element_type=jnp.float32)
+      return bank, jnp.einsum('bn,nd->bd', s.astype(jnp.bfloat16), b16,
+                              preferred_element_type=jnp.float32)
   elif name in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST:
     dtype = jnp.bfloat16 if name.endswith('_bf16') else jnp.float32
     kernel = 'pallas' if name in PALLAS else 'xla'
@@ -198,8 +226,13 @@ def main(argv=None):
   args = p.parse_args(argv)
   if args.smoke:
     args.n, args.b, args.repeats = 2_000, 16, 1
+  try:
+    [parse_variant(v) for v in (args.run or args.variants).split(',')]
+  except ValueError as e:
+    p.error(str(e))
   if args.run:
-    unknown = set(args.run.split(',')) - set(VARIANTS + ON_REQUEST)
+    unknown = {v for v in args.run.split(',')
+               if parse_variant(v)[0] not in VARIANTS + ON_REQUEST}
     if unknown:
       p.error(f'--run {",".join(sorted(unknown))}: choose from {", ".join(VARIANTS + ON_REQUEST)}')
     return child(args)
@@ -229,11 +262,15 @@ def main(argv=None):
       for v in group[len([v for v in group if v in results]):]:
         print(f'{v:6s} failed: {why}')
         failed.append(v)
-  floor = results.get('floor', {}).get('ms')
-  print(f"{'variant':11s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}")
+  width = max([11] + [len(v) + 1 for v in results])
+  print(f"{'variant':{width}s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}"
+        + ('   (_bf16 variants: x floor_bf16)' if 'floor_bf16' in results else ''))
   for v, r in results.items():
+    own = 'floor_bf16' if '_bf16' in v and 'floor_bf16' in results else 'floor'
+    floor = results.get(own, {}).get('ms')
     ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
-    print(f"{v:11s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}{r['peak_mb'] / bank_mb:8.2f}")
+    print(f"{v:{width}s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}"
+          f"{r['peak_mb'] / bank_mb:8.2f}")
   for v in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST:
     others = [o for o in ('torch', 'dense', 'no_index') if o in results and o not in (v, 'ours')]
     if v in results and others:

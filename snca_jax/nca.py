@@ -240,7 +240,7 @@ def _device_pass(features, indices, bank, bank_labels, momentum, opts: KernelOpt
   covered = nca_pallas.covered_rows(batch, rows) if opts.kernel == 'pallas' else 0
   if covered:      # the leading rows in one Pallas kernel, the few after them as below
     init = nca_pallas.partials(queries, labels, jnp.where(mine, local, -1), bank, scan_labels,
-                               matmul_dtype=opts.matmul_dtype)
+                               matmul_dtype=opts.matmul_dtype, other_only=index is not None)
   if covered < rows:
     m, l, g = bank_lib.scan_chunks(
         lambda carry, r, fresh, *chunks: fold(carry, r + covered, fresh, *chunks), init,
@@ -369,8 +369,6 @@ def _call(features, indices, bank, bank_labels, momentum, update, temperature, m
           chunk_size, matmul_dtype, kernel, index):
   if kernel not in ('xla', 'pallas'):
     raise ValueError(f"NCA kernel {kernel!r}: use 'xla' or 'pallas'")
-  if index is not None and kernel != 'xla':
-    raise ValueError("a class index serves the 'xla' NCA kernel only; pass class_index=None")
   batch = features.shape[0]
   opts = KernelOptions(temperature=float(temperature), margin=float(margin), mesh=mesh,
                        chunk_size=int(chunk_size or default_chunk_size(batch)),

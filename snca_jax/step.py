@@ -27,13 +27,13 @@ BATCH_FIELDS = ('image', 'index', 'label')
 
 def class_index(config, bank_labels, mesh):
   """The NCA kernel's class index (`nca.class_index`) for this run, or None. `nca_class_index`
-  'auto' makes one where it pays: the NCA loss, the XLA kernel, and no class holding more than
+  'auto' makes one where it pays: the NCA loss and no class holding more than
   1/`nca.CLASS_INDEX_MIN_CLASSES` of the bank's rows (ImageNet, CIFAR-100; not Fashion-MNIST or
-  CIFAR-10, whose ten classes make each example's class a tenth of the bank)."""
+  CIFAR-10, whose ten classes make each example's class a tenth of the bank). Either kernel
+  takes it (the Pallas one then folds the other-class rows alone)."""
   if config.nca_class_index == 'off' or schema.is_softmax(config):
     return None
-  if config.nca_class_index == 'auto' and not (config.nca_kernel == 'xla'
-                                               and nca.class_index_pays(bank_labels)):
+  if config.nca_class_index == 'auto' and not nca.class_index_pays(bank_labels):
     return None
   return nca.class_index(bank_labels, mesh)
 

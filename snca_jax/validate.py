@@ -139,8 +139,6 @@ def problems(config) -> list[str]:
   one_of('nca_matmul_dtype', config.nca_matmul_dtype, sorted(models.DTYPES))
   one_of('nca_kernel', config.nca_kernel, ['pallas', 'xla'])
   one_of('nca_class_index', config.nca_class_index, ['auto', 'off', 'on'])
-  need(not (config.nca_class_index == 'on' and config.nca_kernel == 'pallas'), 'nca_class_index',
-       "'on' serves the 'xla' NCA kernel only: set it to 'auto' or 'off' with nca_kernel='pallas'")
   count('knn.k', config.knn.k)
   real('knn.sigma', config.knn.sigma, low=0)
   count('knn.batch_size', config.knn.batch_size)

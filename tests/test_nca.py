@@ -354,9 +354,16 @@ def test_class_index_pays_only_with_many_classes():
   assert nca.class_index_pays(padded)                           # padding is no class
 
 
-def test_class_index_serves_the_xla_kernel_only():
-  f, idx, bank, labels = make_problem(18)
+def test_pallas_kernel_with_the_class_index_matches_the_reference():
+  """kernel='pallas' with a class index: the kernel folds the other-class rows alone (rows past
+  its tiles through the scan), the index gives the same-class sums; against the float64
+  reference, with classes of very different sizes, a singleton class and padding rows."""
+  from snca_jax import nca_pallas
+  f, idx, bank, labels = make_problem(18, B=24, N=2403, D=32, unit_bank=False)
+  labels[:900] = 0                         # one large class beside small ones
+  labels[idx[0]] = 7                       # a singleton class
   mesh, sb, sl = _sharded(bank, labels, 2)
-  with pytest.raises(ValueError, match='xla'):
-    nca.streaming_nca_loss(f, idx, sb, sl, temperature=0.05, mesh=mesh, kernel='pallas',
-                           class_index=nca.class_index(sl, mesh))
+  rows = sb.shape[0] // 2
+  assert 0 < nca_pallas.covered_rows(24, rows) < rows
+  check_step_against_the_reference(f, idx, bank, labels, mesh, sb, sl, 0.05, kernel='pallas',
+                                   class_index=nca.class_index(sl, mesh))
