@@ -35,15 +35,18 @@ sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 
 def write_folder(root, n, classes):
-  """n training and n // 10 validation JPEGs of 500x375 in `classes` class folders."""
+  """n training and n // 10 validation JPEGs of 500x375 in `classes` class folders: a
+  picture's copies are all of one class (picture k in class k % classes), so that the kNN
+  evaluation of the run finds each validation picture's copies among the training ones."""
   from input_pipeline import photos
   unique, kind = photos(min(n, 256))
   for split, count in (('train', n), ('val', max(classes, n // 10))):
     for i in range(count):
-      d = os.path.join(root, split, f'n{i % classes:08d}')
+      k = (i * 7 + (split == 'val')) % len(unique)
+      d = os.path.join(root, split, f'n{k % classes:08d}')
       os.makedirs(d, exist_ok=True)
       with open(os.path.join(d, f'img_{i:06d}.JPEG'), 'wb') as f:
-        f.write(unique[(i * 7 + (split == 'val')) % len(unique)])
+        f.write(unique[k])
   return kind
 
 

@@ -26,16 +26,21 @@ Each variant runs in its own process, so that its peak resident memory (VmHWM) i
 table gives the median step time (after one warm-up step) and the peak memory of the step:
 the bank plus the most the steps add to the resident size (VmHWM, reset once the bank and the
 inputs exist; JAX variants are compiled before that, so the compiler's memory is not counted),
-next to the bank's own size. Labels (5 MB) and inputs are not counted. The torch
-variant needs `pip install -r benchmarks/requirements.txt`.
+next to the bank's own size. Labels (5 MB) and inputs are not counted. Beside them, each JAX
+variant's first step (the same features, indices and bank in all) against ours: the loss's
+relative difference and the feature gradient's largest difference over its largest entry. The
+torch variant (its own random bank, as the original's) needs `pip install -r
+benchmarks/requirements.txt`.
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -142,13 +147,17 @@ def jax_variant(name, args):
   jax.block_until_ready(bank)
   reset_peak()
   base = rss_mb() - args.n * args.d * 4 / 2**20      # the footprint without the bank
-  times = []
+  times, first = [], None
   for i in range(args.repeats + 1):
     t = time.perf_counter()
     bank, out = compiled(bank, f)     # the bank is donated: updated in place
     jax.block_until_ready((bank, out))
     times.append(time.perf_counter() - t)
-  return times[1:], base
+    first = out if first is None else first     # every variant's first step: the same inputs
+  if name.startswith('floor'):
+    return times[1:], base, None
+  loss, grad = first
+  return times[1:], base, (float(loss), np.asarray(grad, np.float32))
 
 
 def torch_variant(args):
@@ -198,17 +207,36 @@ def torch_variant(args):
     loss = nca_cross_entropy(LinearAverageOp.apply(x, idx, memory), idx)
     loss.backward()
     times.append(time.perf_counter() - t)
-  return times[1:], base
+  return times[1:], base, None      # its own bank (torch.rand): nothing to compare
 
 
 def child(args):
   for v in args.run.split(','):      # one variant a process, but in a smoke run (all in one)
     if v == 'torch':
-      times, base = torch_variant(args)
+      times, base, first = torch_variant(args)
     else:
-      times, base = jax_variant(v, args)
-    print(json.dumps({'variant': v, 'ms': 1000 * float(np.median(times)),
-                      'peak_mb': rss_mb('VmHWM') - base}), flush=True)
+      times, base, first = jax_variant(v, args)
+    row = {'variant': v, 'ms': 1000 * float(np.median(times)), 'peak_mb': rss_mb('VmHWM') - base}
+    if first is not None:            # the first step's loss and feature gradient, to compare
+      row['loss'], row['grad_file'] = first[0], v.replace(':', '_') + '.npy'
+      np.save(os.path.join(args.outputs, row['grad_file']), first[1])
+    print(json.dumps(row), flush=True)
+
+
+def agreement(results, outputs):
+  """Per variant, its first step against ours (same inputs, same bank): the loss's relative
+  difference and the feature gradient's largest difference over its largest entry."""
+  ref = results.get('ours', {})
+  if 'grad_file' not in ref:
+    return {}
+  g0 = np.load(os.path.join(outputs, ref['grad_file']))
+  out = {}
+  for v, r in results.items():
+    if 'grad_file' in r:
+      g = np.load(os.path.join(outputs, r['grad_file']))
+      out[v] = (abs(r['loss'] - ref['loss']) / abs(ref['loss']),
+                float(np.abs(g - g0).max() / np.abs(g0).max()))
+  return out
 
 
 def main(argv=None):
@@ -221,6 +249,7 @@ def main(argv=None):
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--variants', default=','.join(VARIANTS))
   p.add_argument('--run', help=argparse.SUPPRESS)
+  p.add_argument('--outputs', help=argparse.SUPPRESS)
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 2,000, B = 16), to check that it runs')
   args = p.parse_args(argv)
@@ -246,13 +275,15 @@ def main(argv=None):
         f'x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats}; bank = '
         f'{bank_mb:.0f} MB (peak MB: host memory)')
   results, failed = {}, []
+  outputs = tempfile.mkdtemp()
   # Each variant in a process of its own, so that its peak memory is its own; a smoke run's
   # figures mean nothing, and its variants share one process (the suite's time).
   variants = args.variants.split(',')
   for group in [variants] if args.smoke else [[v] for v in variants]:
     cmd = [sys.executable, __file__, '--run', ','.join(group), '--n', str(args.n), '--b',
            str(args.b), '--d', str(args.d), '--chunk', str(args.chunk), '--repeats',
-           str(args.repeats), '--classes', str(args.classes)] + ['--smoke'] * args.smoke
+           str(args.repeats), '--classes', str(args.classes), '--outputs', outputs] + [
+               '--smoke'] * args.smoke
     r = subprocess.run(cmd, capture_output=True, text=True)
     for line in r.stdout.splitlines():
       if line.startswith('{'):
@@ -262,16 +293,20 @@ def main(argv=None):
       for v in group[len([v for v in group if v in results]):]:
         print(f'{v:6s} failed: {why}')
         failed.append(v)
+  agree = agreement(results, outputs)
+  shutil.rmtree(outputs, ignore_errors=True)
   width = max([11] + [len(v) + 1 for v in results])
   print(f"{'variant':{width}s}{'ms/step':>10s}{'x floor':>9s}{'peak MB':>10s}{'x bank':>8s}"
+        f"{'loss vs ours':>14s}{'grad vs ours':>14s}"
         + ('   (_bf16 variants: x floor_bf16)' if 'floor_bf16' in results else ''))
   for v, r in results.items():
     own = 'floor_bf16' if '_bf16' in v and 'floor_bf16' in results else 'floor'
     floor = results.get(own, {}).get('ms')
     ratio = f"{r['ms'] / floor:.2f}" if floor else '-'
+    loss_diff, grad_diff = (f'{x:.1e}' for x in agree[v]) if v in agree else ('-', '-')
     print(f"{v:{width}s}{r['ms']:10.1f}{ratio:>9s}{r['peak_mb']:10.0f}"
-          f"{r['peak_mb'] / bank_mb:8.2f}")
-  for v in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST:
+          f"{r['peak_mb'] / bank_mb:8.2f}{loss_diff:>14s}{grad_diff:>14s}")
+  for v in ('ours', 'ours_bf16', 'no_index') + ON_REQUEST[:-1]:      # not floor_bf16
     others = [o for o in ('torch', 'dense', 'no_index') if o in results and o not in (v, 'ours')]
     if v in results and others:
       print(f'{v}: ' + ', '.join(f"{results[o]['ms'] / results[v]['ms']:.2f}x faster than {o}"

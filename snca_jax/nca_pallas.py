@@ -35,14 +35,16 @@ TARGET_PROGRAMS = 264         # about two per streaming multiprocessor of an H10
 @dataclasses.dataclass(frozen=True)
 class Tiles:
   """The kernel's tiling: at most `examples` examples per program, `rows` bank rows per step
-  of its loop, and Triton's `warps` and pipeline `stages` (powers of 2 but `stages`)."""
+  of its loop, and Triton's `warps` and pipeline `stages` (powers of 2 but `stages`). The
+  default was the fastest of four on an H200 with bfloat16 products (`benchmarks/nca_step.py`,
+  BENCHMARKS.md: 2.3 ms a step at N = 1,281,167, B = 256, against 2.5-2.9 ms for the others)."""
   examples: int = 64
-  rows: int = 128
+  rows: int = 64
   warps: int = 4
-  stages: int = 2
+  stages: int = 3
 
 
-TILES = Tiles()               # the default (benchmarks/nca_step.py can time others)
+TILES = Tiles()               # what `partials` uses (benchmarks/nca_step.py times others)
 
 
 def _next_pow2(n: int) -> int:

@@ -42,6 +42,11 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
     assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
   for variant in ('ours', 'pallas', 'pallas_bf16:e32r64w8s3', 'floor', 'floor_bf16'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
+  # The Pallas kernel's first step against ours: float32 agrees to rounding, bfloat16 closely.
+  pallas = re.search(r'^pallas\s+(?:\S+\s+){4}(\S+)\s+(\S+)$', out, re.M)
+  assert float(pallas[1]) < 1e-5 and float(pallas[2]) < 1e-4, out
+  tiled = re.search(r'^pallas_bf16:e32r64w8s3\s+(?:\S+\s+){4}(\S+)\s+(\S+)$', out, re.M)
+  assert float(tiled[1]) < 1e-2 and float(tiled[2]) < 5e-2, out
   assert 'failed' not in out
   assert re.search(r'synthetic batches on the device:\s+\d+ images/s', out), out
   assert re.search(r'on the JPEG folder \(after compiling\):\s+\d+ images/s = [\d.]+ x', out)
