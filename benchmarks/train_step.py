@@ -307,7 +307,8 @@ def main(argv=None):
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
                  'lever, each printed as it finishes: the Pallas NCA kernel, twice the batch '
-                 'with BatchNorm statistics in the compute dtype, each of these two alone')
+                 'with BatchNorm statistics in the compute dtype, each of these two alone, all '
+                 'three')
   p.add_argument('--demo', action='store_true', help="make demo's step and its levers")
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
@@ -376,7 +377,8 @@ def main(argv=None):
               (f'batch {2 * args.batch} and BatchNorm statistics in the compute dtype',
                2 * args.batch, False, 'xla'),
               (f'batch {2 * args.batch}', 2 * args.batch, True, 'xla'),
-              ('BatchNorm statistics in the compute dtype', args.batch, False, 'xla'))
+              ('BatchNorm statistics in the compute dtype', args.batch, False, 'xla'),
+              ('all three', 2 * args.batch, False, 'pallas'))
     if args.smoke:          # the first two take every setting (the suite's time)
       levers = levers[:2]
     for label, batch, bn_float32, kernel in levers:
