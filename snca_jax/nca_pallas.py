@@ -69,12 +69,17 @@ def covered_rows(batch: int, rows: int, tiles: Tiles | None = None) -> int:
   return slices * per_slice * (tiles or TILES).rows
 
 
-def _precision(dtype):
-  # float32 products in float32, not TF32 (which GPUs' matrix units would otherwise use).
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+def _precision(dtype, interpret):
+  """Of the products with float32 operands: exact in the interpreter (the CPU, where the tests
+  compare with the float64 reference); on a GPU three TF32 products each (Triton's tf32x3,
+  about float32's accuracy on the matrix units), as exact float32 products there run without
+  them: 547 ms a step on an H200, 210x the floor (BENCHMARKS.md)."""
+  if dtype != jnp.float32:
+    return None
+  return jax.lax.Precision.HIGHEST if interpret else jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def _fold(m, l, g, s, mask, rows):
+def _fold(m, l, g, s, mask, rows, precision):
   s = jnp.where(mask, s, -jnp.inf)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))
   m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -82,12 +87,12 @@ def _fold(m, l, g, s, mask, rows):
   e = jnp.exp(s - m_safe[:, None])                 # 0 where masked
   g_new = g * scale[:, None] + jax.lax.dot_general(
       e.astype(rows.dtype), rows, (((1,), (0,)), ((), ())),
-      precision=_precision(rows.dtype), preferred_element_type=jnp.float32)
+      precision=precision, preferred_element_type=jnp.float32)
   return m_new, l * scale + jnp.sum(e, axis=1), g_new
 
 
 def _kernel(q_ref, labels_ref, own_ref, rows_ref, row_labels_ref, *out_refs, per_slice,
-            tile_rows, matmul_dtype, other_only):
+            tile_rows, matmul_dtype, other_only, interpret):
   q = q_ref[...]
   labels, own = labels_ref[...], own_ref[...]
   first = pl.program_id(1) * per_slice * tile_rows
@@ -97,15 +102,17 @@ def _kernel(q_ref, labels_ref, own_ref, rows_ref, row_labels_ref, *out_refs, per
     start = t * tile_rows
     rows = rows_ref[pl.ds(start, tile_rows), :].astype(matmul_dtype)
     row_labels = row_labels_ref[pl.ds(start, tile_rows)]
+    precision = _precision(rows.dtype, interpret)
     s = jax.lax.dot_general(q, rows, (((1,), (1,)), ((), ())),
-                            precision=_precision(rows.dtype), preferred_element_type=jnp.float32)
+                            precision=precision, preferred_element_type=jnp.float32)
     index = first + start + jax.lax.broadcasted_iota(jnp.int32, (block, tile_rows), 1)
     present = (row_labels[None, :] >= 0) & (index != own[:, None])
     other = present & (row_labels[None, :] != labels[:, None])
     if other_only:
-      return _fold(*carry, s, other, rows)
+      return _fold(*carry, s, other, rows, precision)
     same = present & (row_labels[None, :] == labels[:, None])
-    return _fold(*carry[:3], s, same, rows) + _fold(*carry[3:], s, other, rows)
+    return (_fold(*carry[:3], s, same, rows, precision)
+            + _fold(*carry[3:], s, other, rows, precision))
 
   m0 = jnp.full((block,), -jnp.inf, jnp.float32)
   l0 = jnp.zeros((block,), jnp.float32)
@@ -159,7 +166,8 @@ def partials(queries, labels, own, rows, row_labels, *, matmul_dtype=jnp.float32
                                                      num_stages=tiles.stages)
   out = pl.pallas_call(
       functools.partial(_kernel, per_slice=per_slice, tile_rows=tiles.rows,
-                        matmul_dtype=matmul_dtype, other_only=other_only),
+                        matmul_dtype=matmul_dtype, other_only=other_only,
+                        interpret=interpret),
       grid=grid,
       in_specs=[pl.BlockSpec((block, padded_dim), lambda i, j: (i, 0)),
                 pl.BlockSpec((block,), lambda i, j: (i,)),
