@@ -39,7 +39,7 @@ E2E_ARGS=()
 if [[ "${1:-}" != --smoke ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/snca-jax-compilation-cache}
 else
-  NCA_ARGS=(--variants ours,pallas,pallas_bf16:e32r64w8s3,floor,floor_bf16 --smoke)
+  NCA_ARGS=(--variants ours,pallas:e32r64w8s3,floor,floor_bf16 --smoke)
   E2E_ARGS=(--smoke)
 fi
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'

@@ -31,22 +31,19 @@ def test_every_benchmark_has_a_smoke_test():
 
 def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   """gpu.sh --smoke: train_step.py --accelerator (bfloat16, FLOPs counted by XLA),
-  nca_step.py (its variants in one child process, another Pallas tiling and the bfloat16 floor
-  among them) and end_to_end.py (train.py on a generated
+  nca_step.py (its variants in one child process, the Pallas kernel with another tiling and the
+  bfloat16 floor among them) and end_to_end.py (train.py on a generated
   JPEG folder, the synthetic step, eval_knn.py), on the CPU."""
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
-  for lever in ('the NCA pass as one Pallas kernel',              # the smoke run's two
-                'batch 16 and BatchNorm statistics in the compute dtype'):
-    assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
-  for variant in ('ours', 'pallas', 'pallas_bf16:e32r64w8s3', 'floor', 'floor_bf16'):
+  # The smoke run's one lever, 'all three', builds every lever's setting.
+  assert re.search(r'^all three\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
+  for variant in ('ours', 'pallas:e32r64w8s3', 'floor', 'floor_bf16'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
-  # The Pallas kernel's first step against ours: float32 agrees to rounding, bfloat16 closely.
-  pallas = re.search(r'^pallas\s+(?:\S+\s+){4}(\S+)\s+(\S+)$', out, re.M)
+  # The Pallas kernel (another tiling) against ours in its first step: float32 rounding apart.
+  pallas = re.search(r'^pallas:e32r64w8s3\s+(?:\S+\s+){4}(\S+)\s+(\S+)$', out, re.M)
   assert float(pallas[1]) < 1e-5 and float(pallas[2]) < 1e-4, out
-  tiled = re.search(r'^pallas_bf16:e32r64w8s3\s+(?:\S+\s+){4}(\S+)\s+(\S+)$', out, re.M)
-  assert float(tiled[1]) < 1e-2 and float(tiled[2]) < 5e-2, out
   assert 'failed' not in out
   assert re.search(r'synthetic batches on the device:\s+\d+ images/s', out), out
   assert re.search(r'on the JPEG folder \(after compiling\):\s+\d+ images/s = [\d.]+ x', out)
