@@ -56,10 +56,10 @@ def layout(batch: int, rows: int, tiles: Tiles | None = None) -> tuple[int, int,
   enough programs to fill a GPU, every slice of the same whole number of tiles."""
   t = tiles or TILES
   block = min(t.examples, max(16, _next_pow2(batch)))
-  tiles = rows // t.rows
+  count = rows // t.rows                                # whole tiles of rows
   blocks = -(-batch // block)
-  slices = max(1, min(tiles, TARGET_PROGRAMS // blocks))
-  return block, slices, (tiles // slices if tiles else 0)
+  slices = max(1, min(count, TARGET_PROGRAMS // blocks))
+  return block, slices, (count // slices if count else 0)
 
 
 def covered_rows(batch: int, rows: int, tiles: Tiles | None = None) -> int:
