@@ -62,8 +62,9 @@ def free_port():
     return s.getsockname()[1]
 
 
-def launch(n_proc, devices, workdir, out, data, *extra, timeout=300):
-  """Runs the worker as n_proc processes; kills every one of them whatever happens."""
+def start(n_proc, devices, workdir, out, data, *extra):
+  """Starts the worker as n_proc processes: (their Popen objects, out). If one cannot be
+  started, those that were are killed."""
   port = free_port()
   env = subprocess_env()
   procs = []
@@ -75,15 +76,50 @@ def launch(n_proc, devices, workdir, out, data, *extra, timeout=300):
              '--seed', str(SEED), *extra]
       procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True))
-    logs = [p.communicate(timeout=timeout)[0] for p in procs]
-    for p, log in zip(procs, logs):
-      assert p.returncode == 0, log[-4000:]
+  except BaseException:
+    stop(procs)
+    raise
+  return procs, out
+
+
+def stop(procs):
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+      p.wait()
+
+
+def finish(*jobs, timeout=300):
+  """Waits for jobs started by `start`, all at once; kills every process whatever happens:
+  each job's saved arrays."""
+  try:
+    for procs, _ in jobs:
+      logs = [p.communicate(timeout=timeout)[0] for p in procs]
+      for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-4000:]
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return dict(np.load(out))
+    for procs, _ in jobs:
+      stop(procs)
+  return [dict(np.load(out)) for _, out in jobs]
+
+
+def run_together(*specs, timeout=300):
+  """Runs several workers at once, each spec `launch`'s arguments: their saved arrays. The
+  processes of one compute while another's wait on each other."""
+  jobs = []
+  try:
+    for spec in specs:
+      jobs.append(start(*spec))
+  except BaseException:
+    for procs, _ in jobs:
+      stop(procs)
+    raise
+  return finish(*jobs, timeout=timeout)
+
+
+def launch(n_proc, devices, workdir, out, data, *extra, timeout=300):
+  """Runs the worker as n_proc processes; kills every one of them whatever happens."""
+  return run_together((n_proc, devices, workdir, out, data, *extra), timeout=timeout)[0]
 
 
 def losses(workdir):
@@ -105,9 +141,10 @@ def close(a, b, rel, what):
 def runs(fake_data_config, tmp_path_factory):
   sources.open_source(fake_data_config.data, 'train')       # prepare once, before the workers
   tmp = tmp_path_factory.mktemp('multihost')
-  single = launch(1, 4, tmp / 'single', tmp / 'single.npz', fake_data_config.data)
   mutation = ('--mutation', MUTATION) if MUTATION else ()
-  multi = launch(2, 2, tmp / 'multi', tmp / 'multi.npz', fake_data_config.data, *mutation)
+  single, multi = run_together(
+      (1, 4, tmp / 'single', tmp / 'single.npz', fake_data_config.data),
+      (2, 2, tmp / 'multi', tmp / 'multi.npz', fake_data_config.data, *mutation))
   return tmp, single, multi
 
 
@@ -162,12 +199,12 @@ def test_twelve_steps_agree(runs):
 
 def test_two_process_checkpoint_restores_in_one_process(runs, fake_data_config):
   tmp, _, multi = runs
+  shutil.copytree(tmp / 'multi', tmp / 'evaluate')
   shutil.copytree(tmp / 'multi', tmp / 'resume')
-  evaluated = launch(1, 1, tmp / 'resume', tmp / 'eval.npz', fake_data_config.data,
-                     '--eval_only')
+  evaluated, resumed = run_together(                       # each on its own copy
+      (1, 1, tmp / 'evaluate', tmp / 'eval.npz', fake_data_config.data, '--eval_only'),
+      (1, 4, tmp / 'resume', tmp / 'resume.npz', fake_data_config.data, '--epochs', '3'))
   np.testing.assert_allclose(evaluated['knn_top1'], multi['knn_top1'], atol=1e-6)
-  resumed = launch(1, 4, tmp / 'resume', tmp / 'resume.npz', fake_data_config.data,
-                   '--epochs', '3')
   assert int(resumed['step']) == 18
   # The third epoch continues the two-process run: its batches are epoch 3's permutation.
   assert resumed['batch/index'].shape == (6, 16)
