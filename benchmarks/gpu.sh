@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The accelerator benchmarks in one go, the quickest first (all three: 5 min 37 s on one H200,
-# with three levers fewer than now):
+# The accelerator benchmarks in one go, the most wanted first (steps 1-3 took 5 min 37 s on one
+# H200 on 2026-12-04, before the 'all three' lever, a fourth tiling and step 4 were added: about
+# 8 minutes now, an estimate; a run cut short loses the least wanted):
 #   1. the NCA step at ImageNet scale (N = 1,281,167, B = 256) against its matrix-product floor:
 #      the XLA kernel and the Pallas one, in float32 and bfloat16 (each against the floor in its
 #      own precision), and the Pallas kernel with other tilings (benchmarks/nca_step.py; torch's
@@ -11,8 +12,8 @@
 #      same step on synthetic batches, then eval_knn.py (benchmarks/end_to_end.py);
 #   3. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
 #      1,281,167 rows: images/s and model FLOPs utilisation, then the step with each lever
-#      (the Pallas NCA kernel, twice the batch with BatchNorm statistics in bfloat16, each of
-#      these alone, all three), each printed as it finishes (benchmarks/train_step.py);
+#      (the Pallas NCA kernel, twice the batch with BatchNorm statistics in bfloat16, all three,
+#      then each of the last two alone), each printed as it finishes (benchmarks/train_step.py);
 #   4. the input pipeline on the host's cores: preparing a folder and whole epochs as train.py
 #      reads them, against the cores times one core's rate (benchmarks/input_pipeline.py
 #      --end_to_end; not in the smoke run, where tests/test_benchmarks.py runs it alone).
