@@ -32,8 +32,8 @@ def test_every_benchmark_has_a_smoke_test():
 def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   """gpu.sh --smoke: train_step.py --accelerator (bfloat16, FLOPs counted by XLA),
   nca_step.py (its variants in one child process, the Pallas kernel with another tiling and the
-  bfloat16 floor among them) and end_to_end.py (train.py on a generated
-  JPEG folder, the synthetic step, eval_knn.py), on the CPU."""
+  bfloat16 floor among them) and end_to_end.py (train.py on a generated JPEG folder, the
+  synthetic step, eval_knn.py), on the CPU."""
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
