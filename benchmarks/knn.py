@@ -1,4 +1,4 @@
-"""Weighted kNN (K=30 and K=200) for 2,048 queries against an ImageNet-sized bank: ours against faiss.
+"""Weighted kNN (K=30, K=200), 2,048 queries against an ImageNet-sized bank: ours against faiss.
 
     python benchmarks/knn.py                 # N = 1,281,167, D = 128, Q = 2,048
     python benchmarks/knn.py --n 100000

@@ -371,7 +371,7 @@ def main(argv=None):
           f'{100 * achieved / peak:.1f}% of the {peak:.0f} TFLOP/s bfloat16 peak (MFU)')
   if args.levers:
     base = args.batch / t_full
-    print(f'levers, each alone (whole step, one run of {args.steps} steps; '
+    print(f'levers (whole step, one run of {args.steps} steps each; '
           f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
     levers = (('the NCA pass as one Pallas kernel', args.batch, True, 'pallas'),
               (f'batch {2 * args.batch} and BatchNorm statistics in the compute dtype',

@@ -9,7 +9,7 @@ accumulators on chip, reading each bank row once, like FlashAttention's forward 
     for each tile of `TILES.rows` bank rows in the program's slice:
       s = q . rows^T                                        (q = features / T)
       for the same-class (pos) and other-class (neg) entries, online log-sum-exp:
-        m' = max(m, max s);  l' = l e^(m - m') + sum e^(s - m');  g' = g e^(m - m') + e^(s - m') rows
+        m' = max(m, max s);  l' = l e^(m-m') + sum e^(s-m');  g' = g e^(m-m') + e^(s-m') rows
 
 The slices' (m, l, g) are merged afterwards the same way (`merge`). A bank row is left out
 where its label is negative (padding, or a row this step writes) or it is the example's own

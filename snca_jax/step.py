@@ -42,8 +42,8 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   """`loss_and_grads(state, batch, class_index=None) -> (bank, batch_stats, grads, metrics)`:
   the bank after the step, the new BatchNorm statistics, the gradient of the loss (against the
   bank before the step) with respect to the parameters, before the optimizer sees it, and the
-  metrics {'loss', 'memory_momentum'}. The part of `train_step` that reads the batch; tests compare it
-  across meshes and processes."""
+  metrics {'loss', 'memory_momentum'}. The part of `train_step` that reads the batch; tests compare
+  it across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   softmax = schema.is_softmax(config)

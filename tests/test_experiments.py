@@ -206,8 +206,8 @@ def test_the_rotated_few_shot_experiment_trains_on_5_to_9_and_tabulates_its_rows
   runs = {('fewshot_rotated', m, s): {k: base + 0.01 * s for k in keys}
           for m, base in (('nca', 0.8), ('softmax', 0.7)) for s in (0, 1, 2)}
   lines, chart = experiments.table(runs, ['fewshot_rotated'])
-  row = next(line for line in lines
-             if line.startswith('| novel classes 0-4 (rotated), 3-way 5-shot, nearest class mean |'))
+  name = 'novel classes 0-4 (rotated), 3-way 5-shot, nearest class mean'
+  row = next(line for line in lines if line.startswith(f'| {name} |'))
   assert '| 81.00% +- 1.00 | 71.00% +- 1.00 | - | +10.00 (finding, p=0.000) |' in row, row
   assert len(lines) == 2 + len(keys) and len(chart) == len(keys)
 
