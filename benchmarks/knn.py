@@ -4,8 +4,11 @@
     python benchmarks/knn.py --n 100000
 
   ours   snca_jax.knn.knn_classify: per device, block maxima from cache-sized tiles of scores,
-         then the best blocks' rows scored again (method='blocked'; one device here)
-  ours_bf16  the same, scoring in bfloat16 (float32 accumulation)
+         then the best blocks' rows scored again (method='blocked'; one device here); exact
+         in float32, its first pass in bfloat16 with a proof where the CPU has bfloat16
+         products in hardware (screen='auto')
+  ours_f32   the same with its first pass in float32 (screen='none')
+  ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
@@ -56,8 +59,8 @@ def main(argv=None):
   p.add_argument('--classes', type=int, default=1000)
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
-  p.add_argument('--methods', default='ours,ours_bf16,chunked',
-                 help='of ours, ours_bf16, chunked; comma-separated')
+  p.add_argument('--methods', default='ours,ours_f32,ours_bf16',
+                 help='of ours, ours_f32, ours_bf16, chunked; comma-separated')
   p.add_argument('--block', type=int, default=0,
                  help='rows per block of the blocked search (default: knn.BLOCK)')
   p.add_argument('--group_blocks', type=int, default=0,
@@ -88,18 +91,19 @@ def main(argv=None):
   mesh = mesh_lib.make_mesh()
   dev_bank, dev_labels = bank_lib.place(bank, labels, mesh)   # padded to a multiple of devices
 
-  def ours(k, dtype, method='auto'):
+  def ours(k, dtype, method, screen):
     return lambda: knn.knn_classify(queries, dev_bank, dev_labels, k=k, sigma=sigma,
                                     num_classes=args.classes, mesh=mesh,
                                     batch_size=args.batch_size, matmul_dtype=dtype,
-                                    method=method)
+                                    method=method, screen=screen)
 
-  def ours_neighbors(k, dtype, method):
+  def ours_neighbors(k, dtype, method, screen):
     out = []
     for s in range(0, args.q, args.batch_size):
       q = jax.device_put(queries[s:s + args.batch_size], mesh_lib.replicated(mesh))
       out.append(np.asarray(knn.top_k_neighbors(q, dev_bank, dev_labels, k=k, mesh=mesh,
-                                                matmul_dtype=dtype, method=method)[1]))
+                                                matmul_dtype=dtype, method=method,
+                                                screen=screen)[1]))
     return np.concatenate(out)
 
   faiss.omp_set_num_threads(os.cpu_count())
@@ -115,20 +119,23 @@ def main(argv=None):
       return scores, idx
     return run
 
-  methods = [m for m in (('ours', np.float32, 'auto'), ('ours_bf16', jax.numpy.bfloat16, 'auto'),
-                         ('chunked', np.float32, 'chunked')) if m[0] in args.methods.split(',')]
+  methods = [m for m in (('ours', np.float32, 'auto', 'auto'),
+                         ('ours_f32', np.float32, 'auto', 'none'),
+                         ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
+                         ('chunked', np.float32, 'chunked', 'auto'))
+             if m[0] in args.methods.split(',')]
   for k in [int(v) for v in args.k.split(',')]:
-    results = timed([with_faiss(k)] + [ours(k, dtype, method) for _, dtype, method in methods],
-                    args.repeats)
+    results = timed([with_faiss(k)] + [ours(k, *m[1:]) for m in methods], args.repeats)
     (faiss_scores, faiss_idx), t_faiss = results[0]
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
           f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
-          f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group')
+          f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group; bfloat16 '
+          f"products in hardware: {'yes' if knn._bfloat16_in_hardware() else 'no'}")
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
     print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
-    for (name, dtype, method), (scores, t) in zip(methods, results[1:]):
-      idx = ours_neighbors(k, dtype, method)
+    for (name, *how), (scores, t) in zip(methods, results[1:]):
+      idx = ours_neighbors(k, *how)
       overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, faiss_idx)])
       same = np.mean(np.argmax(scores, 1) == np.argmax(faiss_scores, 1))
       print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"

@@ -69,27 +69,37 @@ GROUP_BLOCKS = 8192
 # The candidate rows gathered for a tile of queries: 8 MB (K = 200: 2 queries; K = 30: 16),
 # faster than 64 MB on the AMD EPYC (BENCHMARKS.md, kNN search).
 RESCORE_BYTES = 2 ** 23
+# The exact float32 search screens the bank in bfloat16 where the CPU multiplies bfloat16 in
+# hardware (`screen='auto'`): the blocks whose bfloat16 maximum could hide one of the K best
+# float32 scores are scored again (`_screened_top_k`). It keeps SCREEN_BLOCKS(K) blocks; the
+# first SCREEN_FIRST(K) are scored again for every query, the rest for the query tiles that
+# cannot yet prove their K best; queries that cannot prove them with all SCREEN_BLOCKS(K) are
+# searched again in float32, FALLBACK_SHARE of the queries at a time.
+SCREEN_FIRST = lambda k: k + k // 4 + 8
+SCREEN_BLOCKS = lambda k: 2 * k + 16
+FALLBACK_SHARE = 8
+# 'auto' screens where the rows scored again are at most a SCREEN_MIN_SHARE-th of the device's:
+# on the AMD EPYC, Fashion-MNIST's 60,000 rows of embeddings, 10,000 queries, screened / not:
+# K = 30 (a 25th scored again) 2.51 / 2.60 s, K = 200 (a 5th) 6.17 / 5.47 s.
+SCREEN_MIN_SHARE = 32
 
 
-def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
-  """This device's k best rows for every query, in two passes, exactly:
-    1. every block's maximum score: the k best entries lie in at most k blocks, and those are
-       among the k blocks with the highest maxima (a block's maximum is one of its entries).
-       The scores are made tile by tile and reduced to block maxima while in cache; a running
-       top k of blocks is kept, selected from GROUP_BLOCKS maxima at a time, so memory does
-       not grow with the bank.
-    2. the k best blocks' rows (and the rows after the last whole block) scored again in
-       float32 whatever `matmul_dtype` (exact similarities), their top k taken.
-  Rows with a negative label never count."""
-  rows, dim = bank.shape
+def _block_pass(q, bank, labels, *, keep, matmul_dtype, full):
+  """The `keep` blocks of highest maximum score of every query, among the first `full` rows
+  (a multiple of BLOCK): (maxima (Q, keep), descending; block numbers (Q, keep)). The scores
+  are made tile by tile and reduced to block maxima while in cache; a running selection is
+  kept, made from GROUP_BLOCKS maxima at a time, so memory does not grow with the bank. Rows
+  with a negative label never count; where fewer than `keep` blocks hold a row, the last
+  maxima are -inf."""
+  dim = bank.shape[1]
   nq = q.shape[0]
   block = BLOCK
-  full = rows // block * block
-  q32, q = q, q.astype(matmul_dtype)
+  q = q.astype(matmul_dtype)
   chunk = min(full, max(block, TILE_BYTES // (4 * nq) // block * block))
-  if full // chunk * chunk < k * block:         # a group must hold at least k blocks
+  if full // chunk * chunk < keep * block:      # a group must hold at least `keep` blocks
     chunk = block
-  group = min(full // chunk, max(-(-k * block // chunk), GROUP_BLOCKS * block // chunk)) * chunk
+  group = min(full // chunk,
+              max(-(-keep * block // chunk), GROUP_BLOCKS * block // chunk)) * chunk
 
   def block_maxima(scores_rows, scores_labels):
     sims = jnp.einsum('qd,cd->qc', q, scores_rows.astype(matmul_dtype),
@@ -102,81 +112,227 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype):
     maxima = jax.lax.map(lambda a: block_maxima(*a),
                          (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
     maxima = jnp.moveaxis(maxima, 0, 1).reshape(nq, group // block)
-    # Blocks below the k-th best maximum so far cannot enter the top k: out before the
-    # selection, whose cost grows with the entries that can (BENCHMARKS.md, kNN search).
-    maxima = jnp.where(maxima >= best[0][:, -1:], maxima, -jnp.inf)
-    vals, ids = jax.lax.top_k(maxima, k)
+    # Blocks below the last kept maximum so far cannot be kept: out before the selection,
+    # whose cost grows with the entries that can enter it (BENCHMARKS.md, kNN search). (The
+    # last of the sorted maxima taken as their minimum: in `_screened_top_k`, a slice of
+    # top_k's output made XLA's CPU rescoring 4x slower.)
+    maxima = jnp.where(maxima >= jnp.min(best[0], axis=1, keepdims=True), maxima, -jnp.inf)
+    vals, ids = jax.lax.top_k(maxima, keep)
     vals = jnp.concatenate([best[0], vals], axis=1)
     ids = jnp.concatenate([best[1], ids + first[0] // block], axis=1)
-    vals, pick = jax.lax.top_k(vals, k)
+    vals, pick = jax.lax.top_k(vals, keep)
     return vals, jnp.take_along_axis(ids, pick, axis=1)
 
-  init = (jnp.full((nq, k), -jnp.inf), jnp.zeros((nq, k), jnp.int32))
-  _, best_blocks = bank_lib.scan_chunks(fold, init, (bank, labels), group, total=full)
+  init = (jnp.full((nq, keep), -jnp.inf), jnp.zeros((nq, keep), jnp.int32))
+  return bank_lib.scan_chunks(fold, init, (bank, labels), group, total=full)
 
-  tail_rows, tail_labels = bank[full:], labels[full:]
-  tile = max(1, min(nq, RESCORE_BYTES // (k * block * dim * 4)))
-  padded = -(-nq // tile) * tile
-  # The k best blocks of each query gathered as whole (block, D) slices of the bank, in place.
-  rows_of = functools.partial(
-      jax.lax.gather, dimension_numbers=jax.lax.GatherDimensionNumbers(
+
+# The blocks of a few queries gathered as whole (BLOCK, D) slices of the bank, in place.
+def _rows_of(bank, starts):
+  return jax.lax.gather(
+      bank, starts, dimension_numbers=jax.lax.GatherDimensionNumbers(
           offset_dims=(2, 3), collapsed_slice_dims=(), start_index_map=(0,)),
-      slice_sizes=(block, dim), mode=jax.lax.GatherScatterMode.CLIP)
-  labels_of = functools.partial(
-      jax.lax.gather, dimension_numbers=jax.lax.GatherDimensionNumbers(
+      slice_sizes=(BLOCK, bank.shape[1]), mode=jax.lax.GatherScatterMode.CLIP)
+
+
+def _labels_of(labels, starts):
+  return jax.lax.gather(
+      labels, starts, dimension_numbers=jax.lax.GatherDimensionNumbers(
           offset_dims=(2,), collapsed_slice_dims=(), start_index_map=(0,)),
-      slice_sizes=(block,), mode=jax.lax.GatherScatterMode.CLIP)
-
-  def rescore(args):
-    qt, bt = args                                                      # (T, D), (T, k)
-    starts = (bt * block)[:, :, None]
-    cand = rows_of(bank, starts).reshape(qt.shape[0], k * block, dim)  # (T, k x block, D)
-    # A matrix-vector product per query, over its k x block rows (one contraction over
-    # (T, k, block, D) was slower on XLA's CPU: BENCHMARKS.md, kNN search).
-    sims = jnp.einsum('tnd,td->tn', cand, qt,
-                      preferred_element_type=jnp.float32)
-    sims = jnp.where(labels_of(labels, starts).reshape(qt.shape[0], -1) >= 0, sims, -jnp.inf)
-    ids = (starts + jnp.arange(block)).reshape(qt.shape[0], -1)
-    tail = jnp.einsum('td,cd->tc', qt, tail_rows, preferred_element_type=jnp.float32)
-    sims = jnp.concatenate([sims, jnp.where(tail_labels[None, :] >= 0, tail, -jnp.inf)], 1)
-    ids = jnp.concatenate([ids, jnp.broadcast_to(full + jnp.arange(rows - full),
-                                                 (qt.shape[0], rows - full))], 1)
-    vals, pick = jax.lax.top_k(sims, k)
-    return vals, jnp.take_along_axis(ids, pick, axis=1).astype(jnp.int32)
-
-  qs = jnp.pad(q32, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim)
-  bs = jnp.pad(best_blocks, ((0, padded - nq), (0, 0))).reshape(-1, tile, k)
-  vals, idx = jax.lax.map(rescore, (qs, bs))
-  return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+      slice_sizes=(BLOCK,), mode=jax.lax.GatherScatterMode.CLIP)
 
 
-def _search(q, bank, labels, *, k, chunk, matmul_dtype, method):
+def _score_blocks(qt, bank, labels, blocks):
+  """Float32 scores (T, n x BLOCK) and row numbers of the rows of `blocks` (T, n) for the
+  queries `qt` (T, D); rows with a negative label score -inf."""
+  starts = (blocks * BLOCK)[:, :, None]
+  cand = _rows_of(bank, starts).reshape(qt.shape[0], -1, bank.shape[1])   # (T, n x block, D)
+  # A matrix-vector product per query, over its n x block rows (one contraction over
+  # (T, n, block, D) was slower on XLA's CPU: BENCHMARKS.md, kNN search).
+  sims = jnp.einsum('tnd,td->tn', cand, qt, preferred_element_type=jnp.float32)
+  sims = jnp.where(_labels_of(labels, starts).reshape(qt.shape[0], -1) >= 0, sims, -jnp.inf)
+  return sims, (starts + jnp.arange(BLOCK)).reshape(qt.shape[0], -1)
+
+
+def _top(k, *pairs):
+  """The k best (scores, row numbers) of the concatenated (T, n) pairs."""
+  sims = jnp.concatenate([s for s, _ in pairs], axis=1)
+  ids = jnp.concatenate([i for _, i in pairs], axis=1)
+  vals, pick = jax.lax.top_k(sims, k)
+  return vals, jnp.take_along_axis(ids, pick, axis=1).astype(jnp.int32)
+
+
+def _tail(qt, bank, labels, full):
+  """Float32 scores and row numbers of the rows after the last whole block."""
+  rows = bank.shape[0]
+  sims = jnp.einsum('td,cd->tc', qt, bank[full:], preferred_element_type=jnp.float32)
+  sims = jnp.where(labels[None, full:] >= 0, sims, -jnp.inf)
+  return sims, jnp.broadcast_to(full + jnp.arange(rows - full), (qt.shape[0], rows - full))
+
+
+def _by_query_tiles(fn, n_blocks, *arrays):
+  """`fn` over tiles of queries (the leading axis of `arrays`), as many a tile as gather
+  RESCORE_BYTES of candidate rows for `n_blocks` blocks each; the results' leading axis is the
+  queries again."""
+  nq, dim = arrays[0].shape[0], arrays[0].shape[1]
+  tile = max(1, min(nq, RESCORE_BYTES // (n_blocks * BLOCK * dim * 4)))
+  padded = -(-nq // tile) * tile
+  tiles = [jnp.pad(a, [(0, padded - nq)] + [(0, 0)] * (a.ndim - 1)).reshape(
+      (-1, tile) + a.shape[1:]) for a in arrays]
+  out = jax.lax.map(lambda t: fn(*t), tiles)
+  return jax.tree.map(lambda x: x.reshape((padded,) + x.shape[2:])[:nq], out)
+
+
+def _plain_top_k(q, bank, labels, *, k, matmul_dtype):
+  """This device's k best rows for every query, in two passes, exact where `matmul_dtype` is
+  float32 but for rows within the first pass's float32 rounding of the k-th best score (its
+  products summed in another order than the second pass's: about 1e-7 for unit rows):
+    1. every block's maximum score (`_block_pass`): the k best entries lie in at most k blocks,
+       and those are among the k blocks with the highest maxima (a block's maximum is one of
+       its entries).
+    2. the k best blocks' rows (and the rows after the last whole block) scored again in
+       float32 whatever `matmul_dtype` (exact similarities), their top k taken."""
+  full = bank.shape[0] // BLOCK * BLOCK
+  _, best_blocks = _block_pass(q, bank, labels, keep=k, matmul_dtype=matmul_dtype, full=full)
+  return _by_query_tiles(
+      lambda qt, bt: _top(k, _score_blocks(qt, bank, labels, bt), _tail(qt, bank, labels, full)),
+      k, q, best_blocks)
+
+
+def screening_error(q, bank, labels):
+  """A bound (Q,) on |bfloat16 score - float32 score| of each query against every row of the
+  bank, for scores made as `_block_pass` makes them in bfloat16 (operands rounded to bfloat16,
+  products summed in float32). With q~, r~ the rounded vectors:
+      |q~ . r~ - q . r| <= |q~ . (r~ - r)| + |(q~ - q) . r| <= |q~| E + |q~ - q| R
+  (Cauchy-Schwarz), E and R the largest |r~ - r| and |r| over the rows, measured here; the
+  float32 sum of D exact products adds at most D u |q~| |r~| (u = 2^-24), and the float32
+  score the row would get when scored again differs from q . r by as much again (both bounded
+  here by 4 (D + 2) u |q~| |r~|, for any order of summation and for hardware that truncates);
+  flushing subnormal operands or products to zero adds at most D 2^-126 |q~| (2^-100 here)."""
+  rows = jnp.where(labels[:, None] >= 0, bank, 0.0)
+  rounded = rows.astype(jnp.bfloat16).astype(jnp.float32)
+  big_e = jnp.sqrt(jnp.max(jnp.sum(jnp.square(rounded - rows), axis=1)))
+  big_r = jnp.sqrt(jnp.max(jnp.sum(jnp.square(rows), axis=1)))
+  q_r = q.astype(jnp.bfloat16).astype(jnp.float32)
+  q_norm = jnp.linalg.norm(q_r, axis=1)
+  q_err = jnp.linalg.norm(q_r - q, axis=1)
+  accumulation = 8 * (q.shape[1] + 2) * 2.0 ** -24 * q_norm * big_r * (1 + 2.0 ** -7)
+  # Each term rounded up a little: the bound's own float32 arithmetic must not undercut it.
+  return (q_norm * big_e + q_err * big_r + accumulation) * (1 + 2.0 ** -16) + 2.0 ** -100
+
+
+def _screened_top_k(q, bank, labels, *, k):
+  """This device's k best rows for every query by float32 score, exactly, screening the bank
+  in bfloat16 (half the float32 search's time on CPUs that multiply bfloat16 in hardware):
+    1. the SCREEN_BLOCKS(k) blocks of highest bfloat16 maximum (`_block_pass`), and the
+       maximum of the next block, m;
+    2. the first SCREEN_FIRST(k) of them scored again in float32, with the rows after the
+       last whole block. No row of a block not scored again can score above its bfloat16
+       maximum + eps (`screening_error`), which is at most m + eps; so where the k-th best
+       float32 score found exceeds that, the k found are the k best. Query tiles where one
+       query cannot prove it score the remaining blocks too, and compare with the maximum
+       after the last of them;
+    3. the queries still without a proof searched again with float32 scores
+       (`_plain_top_k`), a FALLBACK_SHARE-th of the queries at a time."""
+  nq = q.shape[0]
+  full = bank.shape[0] // BLOCK * BLOCK
+  first, keep = SCREEN_FIRST(k), SCREEN_BLOCKS(k)
+  maxima, blocks = _block_pass(q, bank, labels, keep=keep + 1, matmul_dtype=jnp.bfloat16,
+                               full=full)
+  eps = screening_error(q, bank, labels)
+
+  def proven(vals, m, e):
+    kth = jnp.min(vals, axis=1)        # the k-th best: not vals[:, -1] (4x slower on XLA's CPU)
+    return (m + e < kth) | (m == -jnp.inf)
+
+  def rescore(qt, bt, mt, et):
+    found = _top(k, _score_blocks(qt, bank, labels, bt[:, :first]), _tail(qt, bank, labels, full))
+    ok = proven(found[0], mt[:, first], et)
+
+    def more():
+      out = _top(k, found, _score_blocks(qt, bank, labels, bt[:, first:keep]))
+      return out + (proven(out[0], mt[:, keep], et),)
+    return jax.lax.cond(jnp.all(ok), lambda: found + (ok,), more)
+
+  vals, idx, ok = _by_query_tiles(rescore, first, q, blocks, maxima, eps)
+
+  share = max(1, -(-nq // FALLBACK_SHARE))
+  order = jnp.argsort(ok, stable=True)                         # the unproven queries first
+  order = jnp.pad(order, (0, -(-nq // share) * share - nq), mode='edge')
+
+  def again(state):
+    vals, idx, start = state
+    pick = jax.lax.dynamic_slice_in_dim(order, start, share)
+    v, i = _plain_top_k(q[pick], bank, labels, k=k, matmul_dtype=jnp.float32)
+    return vals.at[pick].set(v), idx.at[pick].set(i), start + share
+
+  unproven = jnp.sum(~ok)
+  vals, idx, _ = jax.lax.while_loop(lambda s: s[2] < unproven, again, (vals, idx, 0))
+  return vals, idx
+
+
+def _bfloat16_in_hardware() -> bool:
+  """Whether this host's CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16), as
+  /proc/cpuinfo says: there a bfloat16 matrix product takes about half a float32 one's time
+  in XLA (BENCHMARKS.md, kNN search); elsewhere it may take longer."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('flags'):
+          flags = line.split()
+          return 'avx512_bf16' in flags or 'amx_bf16' in flags
+  except OSError:
+    pass
+  return False
+
+
+def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
+  """This device's k best rows for every query, in two passes over blocks of rows (exact in
+  float32; `_plain_top_k`), the first in bfloat16 with a proof and a float32 fallback where
+  `matmul_dtype` is float32 and `screen` says so (`_screened_top_k`): 'auto' (where the CPU
+  multiplies bfloat16 in hardware and the rows scored again are few beside the device's:
+  SCREEN_MIN_SHARE), 'bfloat16' or 'none'."""
+  if screen not in ('auto', 'bfloat16', 'none'):
+    raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
+  full = bank.shape[0] // BLOCK * BLOCK
+  if screen == 'auto':
+    screen = ('bfloat16' if _bfloat16_in_hardware()
+              and SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= bank.shape[0] else 'none')
+  if (jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
+      and full // BLOCK > SCREEN_BLOCKS(k)):
+    return _screened_top_k(q, bank, labels, k=k)
+  return _plain_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
+
+
+def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   """This device's k best rows: the blocked search ('blocked'), or the chunked one
   ('chunked'); 'auto' takes the blocked one on CPUs where the device holds at least k blocks
   of rows (accelerators keep the chunked one, whose few large products suit them, until the
-  blocked one is timed there)."""
+  blocked one is timed there). `screen`: `_blocked_top_k`'s."""
   k = min(k, bank.shape[0])
   if method not in ('auto', 'blocked', 'chunked'):
     raise ValueError(f"kNN method {method!r}: use 'auto', 'blocked' or 'chunked'")
   if method == 'blocked' or (method == 'auto' and bank.shape[0] // BLOCK >= k
                              and jax.default_backend() == 'cpu'):
-    return _blocked_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
+    return _blocked_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype, screen=screen)
   return _local_top_k(q, bank, labels, k=k, chunk=chunk, matmul_dtype=matmul_dtype)
 
 
 def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
-                    matmul_dtype=jnp.float32, method='auto'):
+                    matmul_dtype=jnp.float32, method='auto', screen='auto'):
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
   (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh.
   `matmul_dtype=jnp.bfloat16` scores in bfloat16 (float32 accumulation): faster, and the
   neighbours can differ where similarities nearly tie (the blocked search returns their float32
   similarities). `method`: 'blocked' (two passes over
   blocks of rows, `_blocked_top_k`), 'chunked' (a running top k over chunks, `_local_top_k`),
-  or 'auto' (blocked on CPUs where a device holds at least k blocks of rows)."""
+  or 'auto' (blocked on CPUs where a device holds at least k blocks of rows). `screen`: whether
+  the blocked search in float32 screens the bank in bfloat16 first, exactly still ('auto': where
+  the CPU multiplies bfloat16 in hardware; 'bfloat16'; 'none'; `_blocked_top_k`)."""
 
   def per_device(q, b, l):
     vals, idx = _search(q, b, l, k=k, chunk=chunk_size, matmul_dtype=matmul_dtype,
-                        method=method)
+                        method=method, screen=screen)
     cands = (vals, idx + jax.lax.axis_index(mesh_lib.DATA) * b.shape[0], l[idx])
     vals, idx, labels = (jax.lax.all_gather(x, mesh_lib.DATA, axis=1, tiled=True)
                          for x in cands)                          # (Q, k x devices)
@@ -204,21 +360,21 @@ def vote(sims, labels, *, sigma, num_classes):
 
 
 @functools.partial(jax.jit, static_argnames=('k', 'sigma', 'num_classes', 'mesh',
-                                             'matmul_dtype', 'method'))
+                                             'matmul_dtype', 'method', 'screen'))
 def _classify_batch(queries, bank, bank_labels, *, k, sigma, num_classes, mesh, matmul_dtype,
-                    method):
+                    method, screen):
   sims, _, labels = top_k_neighbors(queries, bank, bank_labels, k=k, mesh=mesh,
-                                    matmul_dtype=matmul_dtype, method=method)
+                                    matmul_dtype=matmul_dtype, method=method, screen=screen)
   return vote(sims, labels, sigma=sigma, num_classes=num_classes)
 
 
 def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, mesh=None,
-                 batch_size=1024, matmul_dtype=jnp.float32, method='auto'):
+                 batch_size=1024, matmul_dtype=jnp.float32, method='auto', screen='auto'):
   """Weighted kNN class scores (Q, num_classes) as a numpy array.
 
   Queries are processed `batch_size` at a time, so memory stays O(batch_size x N / devices).
   `bank` and `bank_labels` may be numpy or sharded jax arrays; with no mesh given, one is made
-  over all devices.
+  over all devices. `method`, `screen`: `top_k_neighbors`'s.
   """
   mesh = mesh_lib.make_mesh() if mesh is None else mesh
   bank, bank_labels = bank_lib.place(bank, bank_labels, mesh)
@@ -232,7 +388,8 @@ def knn_classify(queries, bank, bank_labels, *, k=30, sigma=0.05, num_classes, m
     q = distributed.put_global(q, mesh_lib.replicated(mesh))
     scores = _classify_batch(q, bank, bank_labels, k=k, sigma=float(sigma),
                              num_classes=num_classes, mesh=mesh,
-                             matmul_dtype=jnp.dtype(matmul_dtype), method=method)
+                             matmul_dtype=jnp.dtype(matmul_dtype), method=method,
+                             screen=screen)
     out.append(distributed.to_host(scores)[:n])
   return np.concatenate(out) if out else np.zeros((0, num_classes), np.float32)
 

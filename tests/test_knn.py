@@ -100,14 +100,16 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
   assert np.array_equal(np.asarray(idx), want)
 
 
-@pytest.mark.parametrize('k,num_devices,method', [(1, 2, 'auto'), (30, 2, 'auto'),
-                                                   (200, 1, 'blocked'), (1000, 2, 'auto'),
-                                                   (30, 8, 'chunked')])
-def test_blocked_search_is_exact(monkeypatch, k, num_devices, method):
-  """The two-pass blocked search against brute force, K from 1 to 1,000: a bank that no block,
-  tile or group divides (the rows after the last whole block scored directly, the last group
-  overlapping the one before), padding rows equal to a query (never returned), query tiles of
-  the rescoring that do not divide the queries."""
+@pytest.mark.parametrize('k,num_devices,method,screen', [
+    (1, 2, 'auto', 'none'), (30, 2, 'auto', 'none'), (200, 1, 'blocked', 'none'),
+    (1000, 2, 'auto', 'none'), (30, 8, 'chunked', 'none'), (1, 2, 'auto', 'bfloat16'),
+    (30, 2, 'auto', 'bfloat16'), (200, 1, 'blocked', 'bfloat16')])
+def test_blocked_search_is_exact(monkeypatch, k, num_devices, method, screen):
+  """The two-pass blocked search against brute force, K from 1 to 1,000, with its first pass
+  in float32 and in bfloat16 (screened): a bank that no block, tile or group divides (the rows
+  after the last whole block scored directly, the last group overlapping the one before),
+  padding rows equal to a query (never returned), query tiles of the rescoring that do not
+  divide the queries."""
   monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 7 * 96)          # tiles of 96 rows
   monkeypatch.setattr(knn, 'GROUP_BLOCKS', 5)
   monkeypatch.setattr(knn, 'RESCORE_BYTES', 3 * k * knn.BLOCK * 16 * 4)   # a few queries a tile
@@ -123,12 +125,81 @@ def test_blocked_search_is_exact(monkeypatch, k, num_devices, method):
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
   sims, idx, lab = knn.top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
-      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method=method)
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method=method,
+      screen=screen)
   scores = q @ bank.T
   want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
   assert np.array_equal(np.asarray(idx), want)
   assert np.array_equal(np.asarray(lab), labels[want])
   np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(scores, want, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize('k,num_devices', [(1, 1), (30, 1), (30, 2)])
+def test_screened_search_proves_its_neighbours_or_searches_again(monkeypatch, k, num_devices):
+  """The float32 search screened in bfloat16, where bfloat16 cannot tell rows apart: a query
+  whose best rows score 0.9 + j 1e-5 (j = 0 .. 99, within bfloat16's rounding of each other)
+  in 100 different blocks, more than the screen keeps (its K best cannot be proven: searched
+  again in float32); one with 60 such rows (for K = 1 also more than kept; for K = 30 on one
+  device more than the blocks scored again first, fewer than kept); three with 17 (for K = 1
+  more than the blocks scored again first, fewer than kept); and queries where bfloat16
+  suffices. Every query's neighbours are the brute-force ones, in order. (One query a tile of
+  the rescoring: each query's proof decides its own path.)"""
+  monkeypatch.setattr(knn, 'RESCORE_BYTES', 1)
+  rng = np.random.default_rng(7)
+  n, d = 40 * 320 + 13, 32                   # 400 blocks, and 13 rows after the last one
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  q = unit(rng.normal(size=(8, d)))
+  bank = unit(rng.normal(size=(n, d)))       # scores about N(0, 1/32): below 0.8
+  spots = rng.permutation(n // knn.BLOCK)   # a different block for every close row
+  used = 0
+  for i, count in enumerate((100, 60, 17, 17, 17)):
+    other = unit(rng.normal(size=(count, d)))
+    other = unit(other - (other @ q[i])[:, None] * q[i])          # orthogonal to the query
+    a = 0.9 + 1e-5 * rng.permutation(count)
+    rows = spots[used:used + count] * knn.BLOCK + rng.integers(0, knn.BLOCK, count)
+    bank[rows] = a[:, None] * q[i] + np.sqrt(1 - a ** 2)[:, None] * other
+    used += count
+  q, bank = q.astype(np.float32), bank.astype(np.float32)
+  labels = rng.integers(0, 3, n).astype(np.int32)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  pad = mesh_lib.padded_rows(n, mesh) - n
+  bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
+  _, idx, _ = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='blocked',
+      screen='bfloat16')
+  scores = q.astype(np.float64) @ bank.T.astype(np.float64)
+  want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  assert np.array_equal(np.asarray(idx), want)
+
+
+def test_screening_error_bounds_the_bfloat16_scores():
+  """`screening_error` against the scores the first pass makes in bfloat16: never exceeded, on
+  rows of every scale, on padding rows it must ignore, and where each of its two terms is
+  reached: queries along the rounding error of the rows that bfloat16 rounds most, and rows
+  along the rounding error of queries."""
+  rng = np.random.default_rng(3)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  rounded = lambda x: np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16), np.float32)
+  q = (rng.normal(size=(64, 128)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
+  bank = unit(rng.normal(size=(4096, 128))).astype(np.float32)
+  worst = np.argsort(-np.linalg.norm(rounded(bank) - bank, axis=1))[:16]
+  q[:16] = unit(rounded(bank[worst]) - bank[worst])               # |q~ . (r~ - r)| ~ |q~| E
+  bank[:16] = unit(rounded(q[16:32]) - q[16:32])                  # |(q~ - q) . r| ~ |q~ - q| R
+  bank *= rng.uniform(0.5, 1, (4096, 1)).astype(np.float32)
+  bank[worst] /= np.linalg.norm(bank[worst], axis=1, keepdims=True)
+  labels = np.where(np.arange(4096) % 97 == 50, -1, 1).astype(np.int32)
+  bank[labels < 0] *= 1000                                         # padding: must not count
+  eps = np.asarray(knn.screening_error(jax.numpy.asarray(q), bank, labels))
+  approx = np.asarray(jax.numpy.einsum('qd,cd->qc', q.astype(jax.numpy.bfloat16),
+                                       bank.astype(jax.numpy.bfloat16),
+                                       preferred_element_type=jax.numpy.float32))
+  err = np.abs(approx - q.astype(np.float64) @ bank.T.astype(np.float64))[:, labels >= 0]
+  assert np.all(err.max(axis=1) <= eps)
+  # and not loose beyond bfloat16's rounding of both operands (2^-8 of each, relative)
+  big_r = np.linalg.norm(bank[labels >= 0], axis=1).max()
+  assert np.all(eps <= 2.05 * 2.0 ** -8 * np.linalg.norm(q, axis=1) * big_r)
 
 
 def test_a_database_is_counted_once(monkeypatch):
