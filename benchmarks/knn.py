@@ -2,12 +2,15 @@
 
     python benchmarks/knn.py                 # N = 1,281,167, D = 128, Q = 2,048
     python benchmarks/knn.py --n 100000
+    python benchmarks/knn.py --embeddings emb   # eval_knn.py --export emb's queries and bank
 
   ours   snca_jax.knn.knn_classify: per device, block maxima from cache-sized tiles of scores,
          then the best blocks' rows scored again (method='blocked'; one device here); exact
          in float32, its first pass in bfloat16 with a proof where the CPU has bfloat16
          products in hardware (screen='auto')
   ours_f32   the same with its first pass in float32 (screen='none')
+  screened   the same with its first pass in bfloat16 and the proof wherever it can run
+             (screen='bfloat16', whatever 'auto' would choose)
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
@@ -60,7 +63,10 @@ def main(argv=None):
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--methods', default='ours,ours_f32,ours_bf16',
-                 help='of ours, ours_f32, ours_bf16, chunked; comma-separated')
+                 help='of ours, ours_f32, screened, ours_bf16, chunked; comma-separated')
+  p.add_argument('--embeddings', default='',
+                 help='a folder written by eval_knn.py --export: its queries and database '
+                 '(and their labels) instead of random unit rows')
   p.add_argument('--block', type=int, default=0,
                  help='rows per block of the blocked search (default: knn.BLOCK)')
   p.add_argument('--group_blocks', type=int, default=0,
@@ -82,10 +88,19 @@ def main(argv=None):
   knn.GROUP_BLOCKS = args.group_blocks or knn.GROUP_BLOCKS
 
   rng = np.random.default_rng(0)
-  bank = unit(rng.normal(size=(args.n, args.d)))
-  labels = rng.integers(0, args.classes, size=args.n).astype(np.int32)
-  # Queries near bank rows, as real embeddings are: neighbours are well separated.
-  queries = unit(bank[rng.choice(args.n, args.q)] + 0.5 * unit(rng.normal(size=(args.q, args.d))))
+  if args.embeddings:
+    load = lambda name: np.load(os.path.join(args.embeddings, name + '.npy'))
+    bank, labels, queries = load('database'), load('database_labels').astype(np.int32), load(
+        'queries').astype(np.float32)
+    args.n, args.d = bank.shape
+    args.q, args.classes = len(queries), int(labels.max()) + 1
+    args.batch_size = min(args.batch_size, args.q)
+  else:
+    bank = unit(rng.normal(size=(args.n, args.d)))
+    labels = rng.integers(0, args.classes, size=args.n).astype(np.int32)
+    # Queries near bank rows, as real embeddings are: neighbours are well separated.
+    queries = unit(bank[rng.choice(args.n, args.q)]
+                   + 0.5 * unit(rng.normal(size=(args.q, args.d))))
   sigma = 0.05
 
   mesh = mesh_lib.make_mesh()
@@ -121,13 +136,15 @@ def main(argv=None):
 
   methods = [m for m in (('ours', np.float32, 'auto', 'auto'),
                          ('ours_f32', np.float32, 'auto', 'none'),
+                         ('screened', np.float32, 'auto', 'bfloat16'),
                          ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
                          ('chunked', np.float32, 'chunked', 'auto'))
              if m[0] in args.methods.split(',')]
   for k in [int(v) for v in args.k.split(',')]:
     results = timed([with_faiss(k)] + [ours(k, *m[1:]) for m in methods], args.repeats)
     (faiss_scores, faiss_idx), t_faiss = results[0]
-    print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d}, '
+    data = f'embeddings of {args.embeddings}' if args.embeddings else 'random unit rows'
+    print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d} ({data}), '
           f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
           f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group; bfloat16 '
           f"products in hardware: {'yes' if knn._bfloat16_in_hardware() else 'no'}")

@@ -79,8 +79,8 @@ SCREEN_FIRST = lambda k: k + k // 4 + 8
 SCREEN_BLOCKS = lambda k: 2 * k + 16
 FALLBACK_SHARE = 8
 # 'auto' screens where the rows scored again are at most a SCREEN_MIN_SHARE-th of the device's:
-# on the AMD EPYC, Fashion-MNIST's 60,000 rows of embeddings, 10,000 queries, screened / not:
-# K = 30 (a 25th scored again) 2.51 / 2.60 s, K = 200 (a 5th) 6.17 / 5.47 s.
+# on the AMD EPYC, the demo's 60,000 rows of embeddings, 10,000 queries, screened / not: K = 30
+# (a 25th scored again) 2.40 / 2.60 s, K = 200 (a 5th) 6.79 / 5.58 s (BENCHMARKS.md).
 SCREEN_MIN_SHARE = 32
 
 

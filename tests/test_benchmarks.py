@@ -90,6 +90,21 @@ def test_knn_finds_faiss_neighbours():
   assert not re.search(r'^chunked\s', out, re.M)
 
 
+def test_knn_on_exported_embeddings(tmp_path):
+  """`--embeddings` reads what `eval_knn.py --export` writes, and the screened search finds
+  faiss's neighbours there."""
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+  bank = unit(rng.normal(size=(3000, 16)))
+  np.save(tmp_path / 'database.npy', bank)
+  np.save(tmp_path / 'database_labels.npy', np.arange(3000) % 4)
+  np.save(tmp_path / 'queries.npy', unit(bank[:50] + 0.3 * rng.normal(size=(50, 16))))
+  out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--embeddings', str(tmp_path),
+            '--k=5', '--methods=screened')
+  assert f'Q=50 queries, N=3,000 x D=16 (embeddings of {tmp_path})' in out
+  assert re.search(r'^screened\s+[\d.]+\s+\d+\s+[\d.]+\s+100.00%\s+100.00%$', out, re.M), out
+
+
 def test_memory_and_scaling_reports():
   out = run(sys.executable, 'benchmarks/memory_resnet50.py', '--smoke')
   assert re.search(r'bank \+ labels \(1/2 of', out) and 'step temporaries' in out
