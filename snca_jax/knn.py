@@ -80,17 +80,18 @@ SCREEN_BLOCKS = lambda k: 2 * k + 16
 FALLBACK_SHARE = 8
 # 'auto' screens where the rows scored again are at most a SCREEN_MIN_SHARE-th of the device's:
 # on the AMD EPYC, the demo's 60,000 rows of embeddings, 10,000 queries, screened / not: K = 30
-# (a 25th scored again) 2.40 / 2.60 s, K = 200 (a 5th) 6.79 / 5.58 s (BENCHMARKS.md).
+# (a 25th scored again) 2.40 / 2.60 s, K = 200 (a 5th) 6.79 / 5.58 s (BENCHMARKS.md; the
+# screen's first version, which measured the bank's rounding in a pass of its own).
 SCREEN_MIN_SHARE = 32
 
 
-def _block_pass(q, bank, labels, *, keep, matmul_dtype, full):
+def _block_pass(q, bank, labels, *, keep, matmul_dtype, full, measure=False):
   """The `keep` blocks of highest maximum score of every query, among the first `full` rows
   (a multiple of BLOCK): (maxima (Q, keep), descending; block numbers (Q, keep)). The scores
   are made tile by tile and reduced to block maxima while in cache; a running selection is
   kept, made from GROUP_BLOCKS maxima at a time, so memory does not grow with the bank. Rows
   with a negative label never count; where fewer than `keep` blocks hold a row, the last
-  maxima are -inf."""
+  maxima are -inf. `measure`: also `rounding_extent` of those rows, from the same tiles."""
   dim = bank.shape[1]
   nq = q.shape[0]
   block = BLOCK
@@ -105,12 +106,15 @@ def _block_pass(q, bank, labels, *, keep, matmul_dtype, full):
     sims = jnp.einsum('qd,cd->qc', q, scores_rows.astype(matmul_dtype),
                       preferred_element_type=jnp.float32)
     sims = jnp.where(scores_labels[None, :] >= 0, sims, -jnp.inf)
-    return jnp.max(sims.reshape(nq, -1, block), axis=2)               # (Q, chunk / block)
+    maxima = jnp.max(sims.reshape(nq, -1, block), axis=2)             # (Q, chunk / block)
+    return maxima, (rounding_extent(scores_rows, scores_labels) if measure else ())
 
-  def fold(best, first, fresh, g_rows, g_labels):
+  def fold(carry, first, fresh, g_rows, g_labels):
+    best, extent = carry
     g_labels = jnp.where(fresh, g_labels, -1)             # rows of the group before: done
-    maxima = jax.lax.map(lambda a: block_maxima(*a),
-                         (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
+    maxima, tiles_extent = jax.lax.map(
+        lambda a: block_maxima(*a), (g_rows.reshape(-1, chunk, dim), g_labels.reshape(-1, chunk)))
+    extent = jax.tree.map(lambda a, b: jnp.maximum(a, jnp.max(b)), extent, tiles_extent)
     maxima = jnp.moveaxis(maxima, 0, 1).reshape(nq, group // block)
     # Blocks below the last kept maximum so far cannot be kept: out before the selection,
     # whose cost grows with the entries that can enter it (BENCHMARKS.md, kNN search). (The
@@ -121,10 +125,12 @@ def _block_pass(q, bank, labels, *, keep, matmul_dtype, full):
     vals = jnp.concatenate([best[0], vals], axis=1)
     ids = jnp.concatenate([best[1], ids + first[0] // block], axis=1)
     vals, pick = jax.lax.top_k(vals, keep)
-    return vals, jnp.take_along_axis(ids, pick, axis=1)
+    return (vals, jnp.take_along_axis(ids, pick, axis=1)), extent
 
   init = (jnp.full((nq, keep), -jnp.inf), jnp.zeros((nq, keep), jnp.int32))
-  return bank_lib.scan_chunks(fold, init, (bank, labels), group, total=full)
+  best, extent = bank_lib.scan_chunks(fold, (init, (0.0, 0.0) if measure else ()),
+                                      (bank, labels), group, total=full)
+  return best + ((extent,) if measure else ())
 
 
 # The blocks of a few queries gathered as whole (BLOCK, D) slices of the bank, in place.
@@ -199,20 +205,26 @@ def _plain_top_k(q, bank, labels, *, k, matmul_dtype):
       k, q, best_blocks)
 
 
-def screening_error(q, bank, labels):
-  """A bound (Q,) on |bfloat16 score - float32 score| of each query against every row of the
+def rounding_extent(rows, labels):
+  """(E, R): the largest |r~ - r| and |r| over the rows r with a label >= 0 (r~: r rounded to
+  bfloat16), for `screening_error`."""
+  rows = jnp.where(labels[:, None] >= 0, rows, 0.0)
+  rounded = rows.astype(jnp.bfloat16).astype(jnp.float32)
+  return (jnp.sqrt(jnp.max(jnp.sum(jnp.square(rounded - rows), axis=1))),
+          jnp.sqrt(jnp.max(jnp.sum(jnp.square(rows), axis=1))))
+
+
+def screening_error(q, big_e, big_r):
+  """A bound (Q,) on |bfloat16 score - float32 score| of each query against every row of a
   bank, for scores made as `_block_pass` makes them in bfloat16 (operands rounded to bfloat16,
   products summed in float32). With q~, r~ the rounded vectors:
       |q~ . r~ - q . r| <= |q~ . (r~ - r)| + |(q~ - q) . r| <= |q~| E + |q~ - q| R
-  (Cauchy-Schwarz), E and R the largest |r~ - r| and |r| over the rows, measured here; the
-  float32 sum of D exact products adds at most D u |q~| |r~| (u = 2^-24), and the float32
-  score the row would get when scored again differs from q . r by as much again (both bounded
-  here by 4 (D + 2) u |q~| |r~|, for any order of summation and for hardware that truncates);
-  flushing subnormal operands or products to zero adds at most D 2^-126 |q~| (2^-100 here)."""
-  rows = jnp.where(labels[:, None] >= 0, bank, 0.0)
-  rounded = rows.astype(jnp.bfloat16).astype(jnp.float32)
-  big_e = jnp.sqrt(jnp.max(jnp.sum(jnp.square(rounded - rows), axis=1)))
-  big_r = jnp.sqrt(jnp.max(jnp.sum(jnp.square(rows), axis=1)))
+  (Cauchy-Schwarz), E and R the largest |r~ - r| and |r| over the rows (`rounding_extent`,
+  measured by the pass that screens them); the float32 sum of D exact products adds at most
+  D u |q~| |r~| (u = 2^-24), and the float32 score the row would get when scored again differs
+  from q . r by as much again (both bounded here by 4 (D + 2) u |q~| |r~|, for any order of
+  summation and for hardware that truncates); flushing subnormal operands or products to zero
+  adds at most D 2^-126 |q~| (2^-100 here)."""
   q_r = q.astype(jnp.bfloat16).astype(jnp.float32)
   q_norm = jnp.linalg.norm(q_r, axis=1)
   q_err = jnp.linalg.norm(q_r - q, axis=1)
@@ -237,9 +249,11 @@ def _screened_top_k(q, bank, labels, *, k):
   nq = q.shape[0]
   full = bank.shape[0] // BLOCK * BLOCK
   first, keep = SCREEN_FIRST(k), SCREEN_BLOCKS(k)
-  maxima, blocks = _block_pass(q, bank, labels, keep=keep + 1, matmul_dtype=jnp.bfloat16,
-                               full=full)
-  eps = screening_error(q, bank, labels)
+  # The rows' rounding measured from the tiles the pass reads anyway, not in a pass of its own
+  # over the bank for every batch of queries.
+  maxima, blocks, extent = _block_pass(q, bank, labels, keep=keep + 1,
+                                       matmul_dtype=jnp.bfloat16, full=full, measure=True)
+  eps = screening_error(q, *extent)
 
   def proven(vals, m, e):
     kth = jnp.min(vals, axis=1)        # the k-th best: not vals[:, -1] (4x slower on XLA's CPU)
@@ -271,6 +285,7 @@ def _screened_top_k(q, bank, labels, *, k):
   return vals, idx
 
 
+@functools.cache
 def _bfloat16_in_hardware() -> bool:
   """Whether this host's CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16), as
   /proc/cpuinfo says: there a bfloat16 matrix product takes about half a float32 one's time

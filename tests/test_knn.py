@@ -174,10 +174,10 @@ def test_screened_search_proves_its_neighbours_or_searches_again(monkeypatch, k,
 
 
 def test_screening_error_bounds_the_bfloat16_scores():
-  """`screening_error` against the scores the first pass makes in bfloat16: never exceeded, on
-  rows of every scale, on padding rows it must ignore, and where each of its two terms is
-  reached: queries along the rounding error of the rows that bfloat16 rounds most, and rows
-  along the rounding error of queries."""
+  """`screening_error` (with the bank's `rounding_extent`) against the scores the first pass
+  makes in bfloat16: never exceeded, on rows of every scale, on padding rows it must ignore, and
+  where each of its two terms is reached: queries along the rounding error of the rows that
+  bfloat16 rounds most, and rows along the rounding error of queries."""
   rng = np.random.default_rng(3)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   rounded = lambda x: np.asarray(jax.numpy.asarray(x, jax.numpy.bfloat16), np.float32)
@@ -190,7 +190,7 @@ def test_screening_error_bounds_the_bfloat16_scores():
   bank[worst] /= np.linalg.norm(bank[worst], axis=1, keepdims=True)
   labels = np.where(np.arange(4096) % 97 == 50, -1, 1).astype(np.int32)
   bank[labels < 0] *= 1000                                         # padding: must not count
-  eps = np.asarray(knn.screening_error(jax.numpy.asarray(q), bank, labels))
+  eps = np.asarray(knn.screening_error(jax.numpy.asarray(q), *knn.rounding_extent(bank, labels)))
   approx = np.asarray(jax.numpy.einsum('qd,cd->qc', q.astype(jax.numpy.bfloat16),
                                        bank.astype(jax.numpy.bfloat16),
                                        preferred_element_type=jax.numpy.float32))
