@@ -1,41 +1,41 @@
 #!/usr/bin/env bash
-# The accelerator benchmarks in one go, the most wanted first (steps 1-3 took 5 min 37 s on one
-# H200 on 2026-12-04, before the 'all three' lever, a fourth tiling and step 4 were added: about
-# 8 minutes now, an estimate; a run cut short loses the least wanted):
+# The accelerator benchmarks in one go, the most wanted first (the first run, on one H200 on
+# 2026-12-04, took 5 min 37 s for the NCA step, end to end and the training step; a run cut short
+# loses the least wanted). Each step's start is stamped with the seconds since the script began.
 #   1. the NCA step at ImageNet scale (N = 1,281,167, B = 256) against its matrix-product floor:
 #      the XLA kernel and the Pallas one, in float32 and bfloat16 (each against the floor in its
-#      own precision), and the Pallas kernel with other tilings (benchmarks/nca_step.py; torch's
-#      variant runs on the CPU there, so it is left out; a variant that fails is reported and the
-#      script goes on);
-#   2. end to end: train.py with the ResNet-50 recipe on a folder of 25,600 generated
-#      ImageNet-sized JPEGs (prepared, read and transformed by the host's cores), against the
-#      same step on synthetic batches, then eval_knn.py (benchmarks/end_to_end.py);
-#   3. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
-#      1,281,167 rows: images/s and model FLOPs utilisation, then the step with each lever
-#      (the Pallas NCA kernel, twice the batch with BatchNorm statistics in bfloat16, all three,
-#      then each of the last two alone), each printed as it finishes (benchmarks/train_step.py);
-#   4. the input pipeline on the host's cores: preparing a folder and whole epochs as train.py
+#      own precision), the Pallas kernel with two neighbouring tilings, and each variant's first
+#      step against ours (benchmarks/nca_step.py; torch's variant runs on the CPU there, so it is
+#      left out; a variant that fails is reported and the script goes on);
+#   2. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
+#      1,281,167 rows: images/s, model FLOPs utilisation, where the step's time goes (a profiler
+#      trace summed by kind of operation), then the step with each lever (the Pallas NCA kernel;
+#      twice the batch with BatchNorm statistics in bfloat16 and the Pallas kernel; the network in
+#      float16; XLA flags), each printed as it finishes
+#      (benchmarks/train_step.py);
+#   3. the input pipeline on the host's cores: preparing a folder and whole epochs as train.py
 #      reads them, against the cores times one core's rate (benchmarks/input_pipeline.py
-#      --end_to_end; not in the smoke run, where tests/test_benchmarks.py runs it alone).
+#      --end_to_end; not in the smoke run, where tests/test_benchmarks.py runs it alone);
+#   4. end to end: train.py with the ResNet-50 recipe on a folder of 25,600 generated
+#      ImageNet-sized JPEGs (prepared, read and transformed by the host's cores), against the
+#      same step on synthetic batches, then eval_knn.py (benchmarks/end_to_end.py).
 # Compiled programs are cached in JAX_COMPILATION_CACHE_DIR (default a folder in /tmp; not in
 # the smoke run), so that the steps that build the same program compile it once.
 # Needs jax with the GPU or TPU backend, flax, optax, orbax-checkpoint and ml_collections, and
-# for step 2 the input pipeline's packages too (grain, array_record, msgpack, simplejpeg,
+# for step 4 the input pipeline's packages too (grain, array_record, msgpack, simplejpeg,
 # tensorflow-datasets, absl-py, tqdm, tensorboardX, Pillow): where they are missing, install
 # their wheels first (the device tool's README says how to carry them).
 #
 #   benchmarks/gpu.sh [--smoke] [more flags for train_step.py]
-# --smoke runs the first three at tiny sizes on whatever backend JAX has (the CPU in `make test`),
-# so that a change that breaks this script turns the suite red before a GPU ever runs it.
+# --smoke runs steps 1, 2 and 4 at tiny sizes on whatever backend JAX has (the CPU in `make
+# test`), so that a change that breaks this script turns the suite red before a GPU runs it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-# Beside the default tiling (e64r64w4s3, the fastest of the first run's four): the earlier
-# default and its neighbours.
-TILINGS=pallas_bf16:e64r128w4s2,pallas_bf16:e32r64w4s3,pallas_bf16:e64r64w4s4,pallas_bf16:e64r32w4s3
-NCA_ARGS=(--variants ours,ours_bf16,no_index,pallas,pallas_bf16,$TILINGS,floor,floor_bf16
-          --repeats 10)
+# Beside the default tiling (e64r64w4s3, the fastest of the first run's four): two neighbours.
+TILINGS=pallas_bf16:e32r64w4s3,pallas_bf16:e64r64w4s4
+NCA_ARGS=(--variants ours,ours_bf16,pallas,pallas_bf16,$TILINGS,floor,floor_bf16 --repeats 10)
 E2E_ARGS=()
 if [[ "${1:-}" != --smoke ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/snca-jax-compilation-cache}
@@ -43,11 +43,18 @@ else
   NCA_ARGS=(--variants ours,pallas:e32r64w8s3,floor,floor_bf16 --smoke)
   E2E_ARGS=(--smoke)
 fi
+step() { echo "== ${SECONDS} s: $1"; }
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
+step 'the NCA step'
 "$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}" || echo "(nca_step.py: a variant failed; going on)"
-"$PYTHON" benchmarks/end_to_end.py "${E2E_ARGS[@]}" || echo "(end_to_end.py failed; going on)"
-"$PYTHON" benchmarks/train_step.py --accelerator --levers "$@" || echo "(train_step.py failed; going on)"
+step 'the training step'
+"$PYTHON" benchmarks/train_step.py --accelerator --profile --levers "$@" \
+  || echo "(train_step.py failed; going on)"
 if [[ "${1:-}" != --smoke ]]; then
-  "$PYTHON" benchmarks/input_pipeline.py --end_to_end
+  step 'the input pipeline'
+  "$PYTHON" benchmarks/input_pipeline.py --end_to_end --n 25600 || echo "(input_pipeline.py failed; going on)"
 fi
+step 'end to end'
+"$PYTHON" benchmarks/end_to_end.py "${E2E_ARGS[@]}" || echo "(end_to_end.py failed; going on)"
+step 'done'

@@ -42,10 +42,10 @@ PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0
                     'TPU v5 lite': 197.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0}
 
 
-def compiled_step(config, n_bank, image_shape, classes):
+def compiled_step(config, n_bank, image_shape, classes, model=None):
   """`config`'s jitted train step as training makes it (with the class index where training
   would use one), on the default devices, compiled for 4 synthetic batches of uint8 images:
-  (model, tx, state, batches, compiled)."""
+  (model, tx, state, batches, compiled). `model`: another network than the config's."""
   import jax
   from snca_jax import mesh as mesh_lib
   from snca_jax import models
@@ -55,7 +55,7 @@ def compiled_step(config, n_bank, image_shape, classes):
 
   mesh = mesh_lib.make_mesh()
   batch = config.batch_size
-  model = models.model_from_config(config, num_devices=mesh.size)
+  model = model or models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, n_bank // batch)
   labels = np.arange(n_bank, dtype=np.int32) % classes
   state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
@@ -74,7 +74,9 @@ def compiled_step(config, n_bank, image_shape, classes):
 
 
 def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
-         count_flops=True, nca_kernel='xla'):
+         count_flops=True, nca_kernel='xla', network_dtype=None):
+  """The step, compiled: (run_full, run_resnet, flops); `network_dtype` ('float16'): the
+  network in another dtype than `dtype` (a lever: the configs offer float32 and bfloat16)."""
   import jax
   import jax.numpy as jnp
   from configs import cifar10_resnet18
@@ -91,8 +93,12 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
   config.dtype = config.nca_matmul_dtype = dtype
   config.nca_chunk_size = args.chunk
   config.batch_size = args.batch
+  network = None
+  if network_dtype:
+    network = models.create_model(model_name, dtype=jnp.dtype(network_dtype),
+                                  bn_float32_statistics=bn_float32)
   model, tx, state, batches, compiled = compiled_step(
-      config, n_bank, (image_size, image_size, 3), 1000 if n_bank > 100_000 else 10)
+      config, n_bank, (image_size, image_size, 3), 1000 if n_bank > 100_000 else 10, network)
   if not count_flops:
     def run_only(steps):
       nonlocal state
@@ -195,6 +201,73 @@ def demo(args):
       times[i].append(time.perf_counter() - t)
   return [(label, max(1, images // batch) * batch / float(np.median(ts)))
           for (label, _, _), (_, batch), ts in zip(variants, runs, times)]
+
+
+def _kind(op):
+  """The kind of work an XLA operation or kernel name stands for (device_time's rows)."""
+  op = op.lower()
+  for kind, words in (('memory copies', ('memcpy', 'memset')),
+                      ('max-pool backward (select-and-scatter)', ('select-and-scatter',
+                                                                  'select_and_scatter')),
+                      ('convolutions (cuDNN)', ('conv', 'xmma', 'fprop', 'dgrad', 'wgrad')),
+                      ('matrix products', ('gemm', 'dot', 'cublas', 'matmul', 'nvjet')),
+                      ('Pallas / custom calls', ('pallas', 'custom-call', 'custom_call')),
+                      ('transposes and copies', ('transpose', 'copy')),
+                      ('reduction fusions (BatchNorm statistics, gradients)', ('reduce',)),
+                      ('elementwise fusions', ('fusion',))):
+    if any(w in op for w in words):
+      return kind
+  return 'other'
+
+
+def device_time(run, steps, step_time, top=12):
+  """Where a step's time goes: a profiler trace of `steps` steps, each kernel's time summed by
+  the XLA operation it runs (the trace's `hlo_op`, else the kernel's name) and by kind; on a
+  CPU, XLA's work on its client threads. Returns the report's lines: per step, the device's
+  busy time against `step_time` (the untraced step), then the kinds and the `top` operations."""
+  import glob
+  import tempfile
+  import jax
+  run(1)
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      run(steps)
+    path = glob.glob(os.path.join(d, '**', '*.xplane.pb'), recursive=True)[0]
+    data = jax.profiler.ProfileData.from_file(path)
+  times = {}
+  devices = [p for p in data.planes if p.name.startswith('/device:')]
+  named = 0                     # kernels the trace names an XLA operation for
+  for plane in devices:         # the GPU's streams (not the summary lines, which repeat them)
+    lines = ([l for l in plane.lines if 'stream' in l.name.lower()]
+             or [l for l in plane.lines if l.name == 'XLA Ops'])
+    for line in lines:
+      for e in line.events:
+        op = dict(e.stats).get('hlo_op')
+        named += bool(op)
+        op = str(op or e.name)
+        times[op] = times.get(op, 0.0) + e.duration_ns / 1e9 / steps
+  if not times:                 # a CPU: XLA's work on its client threads
+    for plane in data.planes:
+      for line in plane.lines if plane.name == '/host:CPU' else ():
+        if line.name.startswith('tf_XLAPjRt'):
+          for e in line.events:
+            if not e.name.startswith(('ThreadpoolListener', 'end:', 'SlinkyThreadPool',
+                                      'ThunkExecutor')):
+              times[e.name] = times.get(e.name, 0.0) + e.duration_ns / 1e9 / steps
+  busy = sum(times.values())
+  kinds = {}
+  for op, t in times.items():
+    kinds[_kind(op)] = kinds.get(_kind(op), 0.0) + t
+  where = (f'device {devices[0].name}, {named} of its kernels named by XLA operation'
+           if devices else "the CPU's XLA threads")
+  out = [f'where the step goes ({where}; a trace of {steps} steps): busy {1000 * busy:.1f} ms '
+         f'of the {1000 * step_time:.1f} ms step ({100 * busy / step_time:.0f}%)']
+  for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
+    out.append(f'  {kind:55s} {1000 * t:8.2f} ms {100 * t / busy:5.1f}%')
+  out.append(f'  the {top} longest operations:')
+  for op, t in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+    out.append(f'    {op[:70]:70s} {1000 * t:8.2f} ms')
+  return out
 
 
 def timed(fn, steps, repeats):
@@ -307,8 +380,14 @@ def main(argv=None):
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
                  'lever, each printed as it finishes: the Pallas NCA kernel, twice the batch '
-                 'with BatchNorm statistics in the compute dtype, all three, then each of the '
-                 'last two alone')
+                 'with BatchNorm statistics in the compute dtype and the Pallas kernel, the '
+                 'network in float16, XLA_FLAGS (--xla_levers)')
+  p.add_argument('--xla_levers', default=XLA_LEVERS, help='XLA_FLAGS to try, each set in a '
+                 'process of its own, sets separated by ";"')
+  p.add_argument('--profile', action='store_true', help='where the whole step\'s time goes: '
+                 'a profiler trace of it, by kind of operation')
+  p.add_argument('--whole_only', action='store_true', help='the whole step alone (what a '
+                 'lever of XLA flags runs in its own process)')
   p.add_argument('--demo', action='store_true', help="make demo's step and its levers")
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
@@ -350,8 +429,12 @@ def main(argv=None):
   print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}, bank of {n_bank:,} rows; '
         f'{len(jax.devices())} x {device.device_kind} ({distributed.processor()}); best of '
         f'{args.repeats} runs of {args.steps} steps')
-  run_full, run_resnet, flops = ours(args, name, size, dtype, n_bank)
+  run_full, run_resnet, flops = ours(args, name, size, dtype, n_bank,
+                                     count_flops=not args.whole_only)
   t_full = timed(run_full, args.steps, args.repeats)
+  if args.whole_only:
+    print(f'ours: whole step {1000 * t_full:9.1f} ms {args.batch / t_full:9.1f} images/s')
+    return
   t_resnet = timed(run_resnet, args.steps, args.repeats)
   rows = [('ours: whole step', t_full), ('ours: ResNet forward+backward only', t_resnet)]
   if not args.accelerator and not args.skip_torch:
@@ -369,27 +452,61 @@ def main(argv=None):
     achieved = flops / t_full / 1e12
     print(f'XLA counts {flops / 1e9:.0f} GFLOP a step: {achieved:.0f} TFLOP/s, '
           f'{100 * achieved / peak:.1f}% of the {peak:.0f} TFLOP/s bfloat16 peak (MFU)')
+  if args.profile:
+    for line in device_time(run_full, args.steps, t_full):
+      print(line)
   if args.levers:
-    base = args.batch / t_full
-    print(f'levers (whole step, one run of {args.steps} steps each; '
-          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
-    levers = (('the NCA pass as one Pallas kernel', args.batch, True, 'pallas'),
-              (f'batch {2 * args.batch} and BatchNorm statistics in the compute dtype',
-               2 * args.batch, False, 'xla'),
-              ('all three', 2 * args.batch, False, 'pallas'),
-              (f'batch {2 * args.batch}', 2 * args.batch, True, 'xla'),
-              ('BatchNorm statistics in the compute dtype', args.batch, False, 'xla'))
-    if args.smoke:          # 'all three' takes every setting (the suite's time)
-      levers = levers[2:3]
-    for label, batch, bn_float32, kernel in levers:
-      try:
+    levers(args, name, size, dtype, n_bank, args.batch / t_full)
+
+
+# XLA_FLAGS tried as a lever: CUDA graphs of every length (XLA's default leaves runs of
+# fewer than 5 operations outside them) with loops and conditionals in them too.
+XLA_LEVERS = ('--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=FUSION,CUBLAS,'
+              'CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL')
+
+
+def levers(args, name, size, dtype, n_bank, base):
+  """The whole step again with each lever, one run each (device time is short), each printed
+  as it finishes: (label, batch, BatchNorm statistics in float32, NCA kernel, network dtype,
+  XLA_FLAGS)."""
+  print(f'levers (whole step, one run of {args.steps} steps each; '
+        f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
+  twice = 2 * args.batch
+  levers = [('the NCA pass as one Pallas kernel', args.batch, True, 'pallas', None, None),
+            (f'batch {twice}, BatchNorm statistics in {dtype}, Pallas NCA', twice, False,
+             'pallas', None, None),
+            ('the network in float16', args.batch, True, 'xla', 'float16', None)]
+  levers += [(f'XLA_FLAGS+={flags}', args.batch, True, 'xla', None, flags)
+             for flags in args.xla_levers.split(';') if flags.strip()]
+  if args.smoke:          # the combined lever takes most settings (the suite's time)
+    levers = levers[1:]
+  for label, batch, bn_float32, kernel, network_dtype, flags in levers:
+    try:
+      if flags:
+        t = whole_step_with_flags(args, flags)
+      else:
         run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False,
-                         nca_kernel=kernel)
-      except Exception as e:                         # a lever this backend cannot build
-        print(f'{label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
-        continue
-      t = timed(run, args.steps, 1)                  # one run each: device time is short
-      print(f'{label:40s} {1000 * t:9.1f} ms {batch / t:9.1f} images/s {batch / t / base:6.2f}x')
+                         nca_kernel=kernel, network_dtype=network_dtype)
+        t = timed(run, args.steps, 1)
+    except Exception as e:                         # a lever this backend cannot build
+      print(f'{label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
+      continue
+    print(f'{label:40s} {1000 * t:9.1f} ms {batch / t:9.1f} images/s {batch / t / base:6.2f}x')
+
+
+def whole_step_with_flags(args, flags):
+  """The whole step's time in a process of its own with `flags` added to XLA_FLAGS."""
+  import re
+  import subprocess
+  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip())
+  cmd = [sys.executable, os.path.abspath(__file__), '--whole_only', '--repeats', '1',
+         '--steps', str(args.steps), '--batch', str(args.batch)]
+  cmd += ['--accelerator'] * args.accelerator + ['--smoke'] * args.smoke
+  r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+  m = re.search(r'^ours: whole step\s+([\d.]+) ms', r.stdout, re.M)
+  if r.returncode or not m:
+    raise RuntimeError((r.stderr.strip().splitlines() or ['no output'])[-1])
+  return float(m[1]) / 1000
 
 
 if __name__ == '__main__':
