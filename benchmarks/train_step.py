@@ -388,6 +388,11 @@ def main(argv=None):
                  'a profiler trace of it, by kind of operation')
   p.add_argument('--whole_only', action='store_true', help='the whole step alone (what a '
                  'lever of XLA flags runs in its own process)')
+  p.add_argument('--nca_kernel', default='xla', help="the step's NCA kernel: xla or pallas")
+  p.add_argument('--bn_statistics', default='float32', choices=('float32', 'compute'),
+                 help="the step's BatchNorm statistics: in float32 or the compute dtype")
+  p.add_argument('--network_dtype', default=None, help="the step's network in another dtype "
+                 "than the recipe's (float16)")
   p.add_argument('--demo', action='store_true', help="make demo's step and its levers")
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (tiny ResNet, batch 8, bank of 1,000), to check that it runs')
@@ -426,11 +431,18 @@ def main(argv=None):
   if args.smoke:
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   from snca_jax import distributed
-  print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}, bank of {n_bank:,} rows; '
+  settings = ''.join([f', network in {args.network_dtype}'] * bool(args.network_dtype)
+                     + [f', NCA kernel {args.nca_kernel}'] * (args.nca_kernel != 'xla')
+                     + [', BatchNorm statistics in the compute dtype']
+                     * (args.bn_statistics != 'float32'))
+  print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}{settings}, bank of {n_bank:,} rows; '
         f'{len(jax.devices())} x {device.device_kind} ({distributed.processor()}); best of '
         f'{args.repeats} runs of {args.steps} steps')
   run_full, run_resnet, flops = ours(args, name, size, dtype, n_bank,
-                                     count_flops=not args.whole_only)
+                                     bn_float32=args.bn_statistics == 'float32',
+                                     count_flops=not args.whole_only,
+                                     nca_kernel=args.nca_kernel,
+                                     network_dtype=args.network_dtype)
   t_full = timed(run_full, args.steps, args.repeats)
   if args.whole_only:
     print(f'ours: whole step {1000 * t_full:9.1f} ms {args.batch / t_full:9.1f} images/s')
