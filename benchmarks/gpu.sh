@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The accelerator benchmarks in one go, the most wanted first (the first run, on one H200 on
-# 2026-12-04, took 5 min 37 s for the NCA step, end to end and the training step; a run cut short
-# loses the least wanted). Each step's start is stamped with the seconds since the script began.
+# The accelerator benchmarks in one go, the most wanted first; a run cut short loses the least
+# wanted. Each step's start is stamped with the seconds since the script began. About 8 minutes
+# on one H200 (an estimate from the steps' times in the runs of 2026-12-04: BENCHMARKS.md).
 #   1. the NCA step at ImageNet scale (N = 1,281,167, B = 256) against its matrix-product floor:
 #      the XLA kernel and the Pallas one, in float32 and bfloat16 (each against the floor in its
-#      own precision), the Pallas kernel with two neighbouring tilings, and each variant's first
-#      step against ours (benchmarks/nca_step.py; torch's variant runs on the CPU there, so it is
-#      left out; a variant that fails is reported and the script goes on);
+#      own precision), and each variant's first step against ours (benchmarks/nca_step.py;
+#      torch's variant runs on the CPU there, so it is left out; a variant that fails is
+#      reported and the script goes on);
 #   2. the whole training step, ResNet-50 at 224x224 in bfloat16 on synthetic data, bank of
-#      1,281,167 rows: images/s, model FLOPs utilisation, where the step's time goes (a profiler
-#      trace summed by kind of operation), then the step with each lever (the Pallas NCA kernel;
-#      twice the batch with BatchNorm statistics in bfloat16 and the Pallas kernel; the network in
-#      float16; XLA flags), each printed as it finishes
-#      (benchmarks/train_step.py);
+#      1,281,167 rows: images/s, model FLOPs utilisation, then the step with each lever (the
+#      other NCA kernel; twice the batch with BatchNorm statistics in bfloat16 and the Pallas
+#      kernel; the network in float16), each printed as it finishes; then, in a process of its
+#      own with XLA's CUDA graphs off (so that the trace names each kernel's operation; graphs
+#      changed the step by 1% there), where the step's time goes: a profiler trace summed by
+#      kind of operation (benchmarks/train_step.py);
 #   3. the input pipeline on the host's cores: preparing a folder and whole epochs as train.py
 #      reads them, against the cores times one core's rate (benchmarks/input_pipeline.py
 #      --end_to_end; not in the smoke run, where tests/test_benchmarks.py runs it alone);
@@ -33,15 +34,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-# Beside the default tiling (e64r64w4s3, the fastest of the first run's four): two neighbours.
-TILINGS=pallas_bf16:e32r64w4s3,pallas_bf16:e64r64w4s4
-NCA_ARGS=(--variants ours,ours_bf16,pallas,pallas_bf16,$TILINGS,floor,floor_bf16 --repeats 10)
+NCA_ARGS=(--variants ours,ours_bf16,pallas,pallas_bf16,floor,floor_bf16 --repeats 10)
 E2E_ARGS=()
+LEVER_ARGS=(--xla_levers '')     # XLA's CUDA graphs of every length: 1.01x on 2026-12-04
 if [[ "${1:-}" != --smoke ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/snca-jax-compilation-cache}
 else
   NCA_ARGS=(--variants ours,pallas:e32r64w8s3,floor,floor_bf16 --smoke)
   E2E_ARGS=(--smoke)
+  LEVER_ARGS=()                  # the flags' own process checked all the same
 fi
 step() { echo "== ${SECONDS} s: $1"; }
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
@@ -49,11 +50,14 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 step 'the NCA step'
 "$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}" || echo "(nca_step.py: a variant failed; going on)"
 step 'the training step'
-"$PYTHON" benchmarks/train_step.py --accelerator --profile --levers "$@" \
+"$PYTHON" benchmarks/train_step.py --accelerator --levers "${LEVER_ARGS[@]}" "$@" \
   || echo "(train_step.py failed; going on)"
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
+  "$PYTHON" benchmarks/train_step.py --accelerator --whole_only --profile "$@" \
+  || echo "(train_step.py --profile failed; going on)"
 if [[ "${1:-}" != --smoke ]]; then
   step 'the input pipeline'
-  "$PYTHON" benchmarks/input_pipeline.py --end_to_end --n 25600 || echo "(input_pipeline.py failed; going on)"
+  "$PYTHON" benchmarks/input_pipeline.py --end_to_end --n 12800 || echo "(input_pipeline.py failed; going on)"
 fi
 step 'end to end'
 "$PYTHON" benchmarks/end_to_end.py "${E2E_ARGS[@]}" || echo "(end_to_end.py failed; going on)"

@@ -74,7 +74,7 @@ def compiled_step(config, n_bank, image_shape, classes, model=None):
 
 
 def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
-         count_flops=True, nca_kernel='xla', network_dtype=None):
+         count_flops=True, nca_kernel='auto', network_dtype=None):
   """The step, compiled: (run_full, run_resnet, flops); `network_dtype` ('float16'): the
   network in another dtype than `dtype` (a lever: the configs offer float32 and bfloat16)."""
   import jax
@@ -388,7 +388,8 @@ def main(argv=None):
                  'a profiler trace of it, by kind of operation')
   p.add_argument('--whole_only', action='store_true', help='the whole step alone (what a '
                  'lever of XLA flags runs in its own process)')
-  p.add_argument('--nca_kernel', default='xla', help="the step's NCA kernel: xla or pallas")
+  p.add_argument('--nca_kernel', default='auto', help="the step's NCA kernel: auto (as "
+                 "training: Pallas on GPUs with bfloat16 products), xla or pallas")
   p.add_argument('--bn_statistics', default='float32', choices=('float32', 'compute'),
                  help="the step's BatchNorm statistics: in float32 or the compute dtype")
   p.add_argument('--network_dtype', default=None, help="the step's network in another dtype "
@@ -432,7 +433,7 @@ def main(argv=None):
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   from snca_jax import distributed
   settings = ''.join([f', network in {args.network_dtype}'] * bool(args.network_dtype)
-                     + [f', NCA kernel {args.nca_kernel}'] * (args.nca_kernel != 'xla')
+                     + [f', NCA kernel {args.nca_kernel}'] * (args.nca_kernel != 'auto')
                      + [', BatchNorm statistics in the compute dtype']
                      * (args.bn_statistics != 'float32'))
   print(f'{name}, batch {args.batch} of {size}x{size}, {dtype}{settings}, bank of {n_bank:,} rows; '
@@ -446,6 +447,8 @@ def main(argv=None):
   t_full = timed(run_full, args.steps, args.repeats)
   if args.whole_only:
     print(f'ours: whole step {1000 * t_full:9.1f} ms {args.batch / t_full:9.1f} images/s')
+    for line in device_time(run_full, args.steps, t_full) if args.profile else ():
+      print(line)
     return
   t_resnet = timed(run_resnet, args.steps, args.repeats)
   rows = [('ours: whole step', t_full), ('ours: ResNet forward+backward only', t_resnet)]
@@ -483,22 +486,29 @@ def levers(args, name, size, dtype, n_bank, base):
   XLA_FLAGS)."""
   print(f'levers (whole step, one run of {args.steps} steps each; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
+  import ml_collections
+  from snca_jax import mesh as mesh_lib
+  from snca_jax import step as step_lib
   twice = 2 * args.batch
-  levers = [('the NCA pass as one Pallas kernel', args.batch, True, 'pallas', None, None),
+  kernel = step_lib.nca_kernel(ml_collections.ConfigDict(
+      {'nca_kernel': args.nca_kernel, 'nca_matmul_dtype': dtype}), mesh_lib.make_mesh())
+  other = 'xla' if kernel == 'pallas' else 'pallas'
+  levers = [(f'the NCA kernel {other} (the step: {kernel})', args.batch, True, other, None,
+             None),
             (f'batch {twice}, BatchNorm statistics in {dtype}, Pallas NCA', twice, False,
              'pallas', None, None),
-            ('the network in float16', args.batch, True, 'xla', 'float16', None)]
-  levers += [(f'XLA_FLAGS+={flags}', args.batch, True, 'xla', None, flags)
+            ('the network in float16', args.batch, True, args.nca_kernel, 'float16', None)]
+  levers += [(f'XLA_FLAGS+={flags}', args.batch, True, args.nca_kernel, None, flags)
              for flags in args.xla_levers.split(';') if flags.strip()]
   if args.smoke:          # the combined lever takes most settings (the suite's time)
     levers = levers[1:]
-  for label, batch, bn_float32, kernel, network_dtype, flags in levers:
+  for label, batch, bn_float32, lever_kernel, network_dtype, flags in levers:
     try:
       if flags:
         t = whole_step_with_flags(args, flags)
       else:
         run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False,
-                         nca_kernel=kernel, network_dtype=network_dtype)
+                         nca_kernel=lever_kernel, network_dtype=network_dtype)
         t = timed(run, args.steps, 1)
     except Exception as e:                         # a lever this backend cannot build
       print(f'{label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}')

@@ -79,8 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.memory_momentum_steps = ()   # ((epoch, value), ...)
   c.nca_chunk_size = 0          # bank rows per step of the NCA kernel; 0 = by batch size
   c.nca_matmul_dtype = 'float32'  # or 'bfloat16' (float32 accumulation)
-  c.nca_kernel = 'xla'          # or 'pallas': each device's pass as one Pallas kernel (GPUs,
-                                # with bfloat16 products: BENCHMARKS.md)
+  c.nca_kernel = 'auto'         # 'pallas': each device's pass as one Pallas kernel; 'xla';
+                                # 'auto': Pallas on GPUs with bfloat16 products (step.py)
   c.nca_class_index = 'auto'    # 'on', 'off': same-class sums through an index of the bank's
                                 # rows by class; 'auto' where no class has over 1/50 of the rows
 

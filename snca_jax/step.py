@@ -38,6 +38,18 @@ def class_index(config, bank_labels, mesh):
   return nca.class_index(bank_labels, mesh)
 
 
+def nca_kernel(config, mesh) -> str:
+  """The run's NCA kernel: `nca_kernel`, where it is 'auto' the Pallas kernel on GPUs with
+  bfloat16 products and XLA's elsewhere. On an H200 (benchmarks/nca_step.py, BENCHMARKS.md) the
+  Pallas kernel took 2.3 and 3.2 ms a step in two runs against XLA's 4.0 and 4.6, with the same
+  loss and gradient to bfloat16's rounding; in float32 it is slower than XLA's (three TF32
+  products for each), and on a CPU Pallas only interprets it."""
+  if config.nca_kernel != 'auto':
+    return config.nca_kernel
+  gpu = mesh.devices.flat[0].platform == 'gpu'
+  return 'pallas' if gpu and config.nca_matmul_dtype == 'bfloat16' else 'xla'
+
+
 def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   """`loss_and_grads(state, batch, class_index=None) -> (bank, batch_stats, grads, metrics)`:
   the bank after the step, the new BatchNorm statistics, the gradient of the loss (against the
@@ -46,6 +58,7 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   it across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
+  kernel = nca_kernel(config, mesh)
   softmax = schema.is_softmax(config)
 
   def loss_and_grads(state: state_lib.TrainState, batch, class_index=None):
@@ -65,7 +78,7 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
           features, batch['index'], state.bank, state.bank_labels, momentum,
           temperature=config.temperature, margin=config.margin, mesh=mesh,
           chunk_size=config.nca_chunk_size or None,
-          matmul_dtype=models.DTYPES[config.nca_matmul_dtype], kernel=config.nca_kernel,
+          matmul_dtype=models.DTYPES[config.nca_matmul_dtype], kernel=kernel,
           class_index=class_index)
       return loss, (bank, updates['batch_stats'])
 

@@ -367,3 +367,21 @@ def test_pallas_kernel_with_the_class_index_matches_the_reference():
   assert 0 < nca_pallas.covered_rows(24, rows) < rows
   check_step_against_the_reference(f, idx, bank, labels, mesh, sb, sl, 0.05, kernel='pallas',
                                    class_index=nca.class_index(sl, mesh))
+
+
+def test_auto_kernel_is_pallas_on_gpus_with_bfloat16_products():
+  """nca_kernel='auto' (the default): the Pallas kernel on GPUs with bfloat16 products, XLA's on
+  CPUs and with float32 products; an explicit choice stands."""
+  import types
+  from snca_jax import schema
+  from snca_jax import step
+  gpu = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform='gpu')]))
+  cpu = mesh_lib.make_mesh(jax.devices()[:2])
+  config = schema.default_config()
+  assert config.nca_kernel == 'auto'
+  for dtype, on_gpu, on_cpu in (('bfloat16', 'pallas', 'xla'), ('float32', 'xla', 'xla')):
+    config.nca_matmul_dtype = dtype
+    assert (step.nca_kernel(config, gpu), step.nca_kernel(config, cpu)) == (on_gpu, on_cpu)
+  for explicit in ('xla', 'pallas'):
+    config.nca_kernel = explicit
+    assert step.nca_kernel(config, gpu) == step.nca_kernel(config, cpu) == explicit
