@@ -146,7 +146,8 @@ def rate(fn, items, repeat):
 
 def gil_share(transform, batches):
   """The share of the transform's time (one thread) spent outside libjpeg-turbo's decoding and
-  PIL's resizing, the calls that release the GIL: the rest holds it (Python, numpy, copies)."""
+  PIL's crops, resizes and flips, the calls that release the GIL: the rest holds it (Python,
+  numpy, copies)."""
   import simplejpeg
   inside = [0.0]
 
@@ -160,7 +161,9 @@ def gil_share(transform, batches):
     return call
 
   decode, resize = simplejpeg.decode_jpeg, Image.Image.resize
+  crop, transpose = Image.Image.crop, Image.Image.transpose
   simplejpeg.decode_jpeg, Image.Image.resize = timed(decode), timed(resize)
+  Image.Image.crop, Image.Image.transpose = timed(crop), timed(transpose)
   try:
     transform(batches[0], 1)
     inside[0] = 0.0
@@ -170,6 +173,7 @@ def gil_share(transform, batches):
     total = time.perf_counter() - t0
   finally:
     simplejpeg.decode_jpeg, Image.Image.resize = decode, resize
+    Image.Image.crop, Image.Image.transpose = crop, transpose
   return 1 - inside[0] / total
 
 
@@ -194,46 +198,47 @@ def end_to_end(n, batch, smoke):
       with open(os.path.join(split, f'n{i % 8:08d}', f'img_{i:05d}.JPEG'), 'wb') as f:
         f.write(d)
     rates = {}
-    for threads in (1, None):
+    for name, threads, workers in (('one thread', 1, 0), ('threads, two per core', None, 0),
+                                   (f'{cores} worker processes', None, cores)):
       t0 = time.perf_counter()
-      folder.prepare(split, os.path.join(tmp, f'prepared{threads}'), num_threads=threads,
-                     show_progress=False)
-      rates[threads] = n / (time.perf_counter() - t0)
-    print(f'prepare, one thread:       {rates[1]:7.0f} images/s')
-    print(f'prepare, default threads:  {rates[None]:7.0f} images/s = '
-          f'{rates[None] / (cores * rates[1]):.2f} x cores x one thread\n')
-    source = folder.FolderSource(os.path.join(tmp, 'prepared1'))
+      folder.prepare(split, os.path.join(tmp, f'prepared{len(rates)}'), num_threads=threads,
+                     num_workers=workers, show_progress=False)
+      rates[name] = n / (time.perf_counter() - t0)
+      one = rates['one thread']
+      print(f'prepare, {name + ":":26s} {rates[name]:7.0f} images/s = '
+            f'{rates[name] / (cores * one):.2f} x cores x one thread')
+    default = folder.check_workers(None, n, cores)
+    print(f'(preparing {n} files on {cores} cores reads them with '
+          f'{f"{default} worker processes" if default else "threads"} by default)\n')
+    source = folder.FolderSource(os.path.join(tmp, 'prepared0'))
     transform = transforms.BatchTransform('imagenet', 224, 3, reduced_decode=True)
     batches = [{'image': data[i:i + batch], 'index': np.arange(i, min(i + batch, n))}
                for i in range(0, min(n, 1024), batch)]
-    one = rate(lambda b: transform(b, 1), batches, 1 if smoke else 2)
-    print(f'one core, the transform alone (imagenet, 224): {one:7.0f} images/s; '
-          f'{cores} cores: {cores * one:.0f}')
     g = gil_share(transform, batches)
-    print(f'of its time, {1 - g:.0%} in decoding and resizing (GIL released), {g:.0%} holding '
-          f'the GIL: one process\'s threads can use at most about {1 / g:.0f} cores; '
-          f'{pipeline.THREADS_PER_WORKER} threads keep it {pipeline.THREADS_PER_WORKER * g:.0%} '
-          f'busy\n')
-    settings = [
-        ('configs/imagenet_resnet50.py:folder', imagenet_resnet50.get_config('folder').data),
-        ('configs/folder.py', folder_recipe.get_config().data),
-    ]
-    print(f'{"one epoch as train.py reads it":52s} {"threads":>7s} {"workers":>7s} '
-          f'{"img/s":>7s} {"x cores x one core":>19s} {"after 1st batch":>16s} '
-          f'{"main CPU us/img":>16s}')
+    print(f'of the transform\'s time, {1 - g:.0%} in decoding, cropping, resizing and flipping '
+          f'(GIL released), {g:.0%} holding the GIL: one process\'s threads can use at most '
+          f'about {1 / g:.0f} cores; {pipeline.THREADS_PER_WORKER} threads keep it '
+          f'{pipeline.THREADS_PER_WORKER * g:.0%} busy\n')
+    # The readers of each recipe (from the cores) and two more; rows of the same readers once.
     many = pipeline.THREAD_CORES + 1
+    rows = {}
+    for name, d in [('configs/imagenet_resnet50.py:folder', imagenet_resnet50.get_config(
+                        'folder').data), ('configs/folder.py', folder_recipe.get_config().data)]:
+      rows.setdefault(pipeline.readers(d.num_threads, d.worker_count), []).append(
+          f'{name} (from the cores)')
+    rows.setdefault((1, cores), []).append('grain workers, 1 thread each')
+    if cores < many:    # one worker's threads where they are most of the cores: the GIL's limit
+      rows.setdefault((pipeline.readers(0, -1, many)[0], 1), []).append(
+          f'1 grain worker, {pipeline.readers(0, -1, many)[0]} threads (as on >= {many} cores)')
     next(pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=1,
                               transform=transform))   # warm the process, as `rate` does
-    for name, (threads, workers) in (
-        [(f'{name} (from the cores)', pipeline.readers(d.num_threads, d.worker_count))
-         for name, d in settings]
-        + [('grain workers, 1 thread each', (1, cores))]
-        # One worker's threads, where they are most of the cores: the GIL's limit (on 16
-        # cores this row alone took 97 s of an H200's host).
-        + [(f'1 grain worker, {pipeline.readers(0, -1, many)[0]} threads (as on >= {many} '
-            f'cores)', (pipeline.readers(0, -1, many)[0], 1))] * (cores < many)):
-      value = steady = main_cpu = 0.0
-      for _ in range(1 if smoke else 2):                 # best of two, as the one-core rate
+    # Rounds in turns, each with its own one-core rate, so that the machine's busy spells fall
+    # on the epochs and the rate they are divided by alike; medians over the rounds.
+    rounds = 1 if smoke else 3
+    ones, results = [], {key: [] for key in rows}
+    for _ in range(rounds):
+      ones.append(rate(lambda b: transform(b, 1), batches, 1))
+      for threads, workers in rows:
         t0, cpu0 = time.perf_counter(), time.process_time()
         count, first = 0, None
         for b in pipeline.run_batches(source, num_epochs=1, global_batch_size=batch, seed=0,
@@ -242,11 +247,19 @@ def end_to_end(n, batch, smoke):
           count += len(b['index'])
           first = first or (time.perf_counter(), count)
         end = time.perf_counter()
-        if count / (end - t0) > value:
-          value, main_cpu = count / (end - t0), (time.process_time() - cpu0) / count * 1e6
-        steady = max(steady, (count - first[1]) / max(end - first[0], 1e-9))
-      print(f'{name:52s} {threads:7d} {workers:7d} {value:7.0f} {value / (cores * one):19.2f} '
-            f'{steady / (cores * one):16.2f} {main_cpu:16.0f}')
+        whole, steady = count / (end - t0), (count - first[1]) / max(end - first[0], 1e-9)
+        results[threads, workers].append((whole, whole / (cores * ones[-1]),
+                                          steady / (cores * ones[-1]),
+                                          (time.process_time() - cpu0) / count * 1e6))
+    print(f'one core, the transform alone (imagenet, 224): {np.median(ones):7.0f} images/s '
+          f'(median of {rounds} rounds); {cores} cores: {cores * np.median(ones):.0f}')
+    print(f'{"one epoch as train.py reads it (median of " + str(rounds) + " rounds)":52s} '
+          f'{"threads":>7s} {"workers":>7s} {"img/s":>7s} {"x cores x one core":>19s} '
+          f'{"after 1st batch":>16s} {"main CPU us/img":>16s}')
+    for (threads, workers), names in rows.items():
+      value, whole, steady, main_cpu = np.median(results[threads, workers], axis=0)
+      print(f'{" = ".join(names):52s} {threads:7d} {workers:7d} {value:7.0f} {whole:19.2f} '
+            f'{steady:16.2f} {main_cpu:16.0f}')
     print('(after 1st batch: the same ratio from the first batch on, without the start of the '
           'readers;\n main CPU: this process\'s CPU time over the images, its threads\' '
           'included; with worker processes, what receiving their batches costs it)')

@@ -90,6 +90,35 @@ def test_an_undecodable_file_stops_the_prepare_and_names_it(tmp_path, bad):
   assert [r['index'] for r in source.__getitems__(range(12))] == list(range(12))
 
 
+def test_worker_processes_prepare_the_same_records_and_name_bad_files(tmp_path):
+  """Preparing in worker processes (as on hosts of many cores) writes the same files as the
+  threads do, names a bad file the same way, and leaves nothing behind when it stops."""
+  root = str(tmp_path / 'photos')
+  make_image_tree(root, per_class={'train': 20, 'val': 1})
+  _touch(os.path.join(root, 'train', 'cat', 'cat_bad.jpg'), b'\xff\xd8\xff\xe0 not a jpeg')
+  split = os.path.join(root, 'train')
+  with pytest.raises(DataError, match=r'cat/cat_bad\.jpg is not a decodable image'):
+    folder.prepare(split, str(tmp_path / 'stopped'), num_workers=2, show_progress=False)
+  assert sorted(os.listdir(tmp_path)) == ['photos']                  # nothing half-written
+  by_threads, by_workers = (
+      folder.prepare(split, str(tmp_path / name), num_workers=workers, skip_bad_images=True,
+                     show_progress=False) for name, workers in (('threads', 0), ('workers', 2)))
+  assert by_workers['skipped'] == by_threads['skipped'] == ['cat/cat_bad.jpg']
+  assert by_workers['num_records'] == by_threads['num_records'] == 80
+  for name in sorted(os.listdir(tmp_path / 'threads')):
+    if name != 'meta.json':                                          # which holds the time
+      threads, workers = (tmp_path / 'threads' / name, tmp_path / 'workers' / name)
+      assert threads.read_bytes() == workers.read_bytes(), name
+
+
+def test_worker_processes_check_large_splits_on_many_cores():
+  assert folder.check_workers(None, folder.PROCESS_MIN_FILES, cores=16) == 16
+  assert folder.check_workers(None, folder.PROCESS_MIN_FILES - 1, cores=16) == 0
+  assert folder.check_workers(None, 10 ** 6, cores=4) == 0           # threads on few cores
+  assert folder.check_workers(3, 10, cores=2) == 3                   # as asked
+  assert folder.check_workers(0, 10 ** 6, cores=16) == 0
+
+
 def test_missing_root_or_split_is_a_clear_error(tmp_path):
   config = imagenet_resnet18.get_config('folder')
   with pytest.raises(DataError, match='--config.data.root'):

@@ -25,8 +25,10 @@ out and listed.
 import concurrent.futures
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import stat
@@ -41,6 +43,7 @@ from PIL import Image
 
 from snca_jax import distributed
 from snca_jax.data import images
+from snca_jax.data import pipeline
 from snca_jax.data.listing import find_classes, list_images
 from snca_jax.errors import DataError
 from snca_jax.lookahead import look_ahead
@@ -52,6 +55,15 @@ _META = 'meta.json'
 _WRITER_OPTIONS = 'group_size:1,uncompressed'
 
 log = logging.getLogger('snca_jax')
+# Files are read and checked by threads of this process (two per core) on up to
+# pipeline.THREAD_CORES cores; on more, where a split has at least PROCESS_MIN_FILES files, by
+# worker processes (one per core, CHECK_THREADS threads each), CHUNK files a task. One
+# process's threads share its GIL: on a GPU host's 16 cores, 32 threads prepared at 0.17 x 16 x
+# one thread's rate (BENCHMARKS.md). A worker's start imports the program's modules again
+# (seconds), hence the floor on the files.
+PROCESS_MIN_FILES = 16384
+CHECK_THREADS = 2
+CHUNK = 64
 
 
 def _read_checked(path: str) -> bytes:
@@ -122,12 +134,15 @@ def read_meta(out_dir: str) -> dict:
 
 
 def prepare(split_dir: str, out_dir: str, *, classes=None, skip_bad_images: bool = False,
-            num_threads: int | None = None, show_progress: bool = True) -> dict:
+            num_threads: int | None = None, num_workers: int | None = None,
+            show_progress: bool = True) -> dict:
   """Writes the prepared split of `split_dir` to `out_dir` (see the module doc); returns meta.
   `classes`: the class list to label by (the training split's; default the split's own). If
   another run has prepared `out_dir` meanwhile (or had before), that is used, not redone.
-  `num_threads` read and check files (default: two per core this process may use; PIL's
-  header parsing holds the GIL, the reads and decodes do not)."""
+  `num_workers` processes (default: see PROCESS_MIN_FILES; 0: none), or else `num_threads`
+  threads of this process (default: two per core this process may use; PIL's header parsing
+  holds the GIL, the reads and decodes do not), read and check the files. The records are the
+  same whichever read them."""
   out_dir = os.path.abspath(out_dir)
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -146,7 +161,7 @@ def prepare(split_dir: str, out_dir: str, *, classes=None, skip_bad_images: bool
     os.makedirs(tmp)
     try:
       meta = _write(split_dir, tmp, classes, split_classes, files, skip_bad_images,
-                    num_threads, show_progress)
+                    num_threads, num_workers, show_progress)
       shutil.rmtree(out_dir, ignore_errors=True)
       os.rename(tmp, out_dir)
     finally:
@@ -161,8 +176,36 @@ def _size(path: str) -> int:
     return 0
 
 
+def check_workers(num_workers: int | None, num_files: int, cores: int | None = None) -> int:
+  """The worker processes that read and check `num_files` files (0: threads of this process):
+  `num_workers` where given, else one per core on hosts of more than pipeline.THREAD_CORES
+  cores for splits of at least PROCESS_MIN_FILES files."""
+  if num_workers is not None:
+    return num_workers
+  cores = cores or distributed.local_cores()
+  return cores if cores > pipeline.THREAD_CORES and num_files >= PROCESS_MIN_FILES else 0
+
+
+def _checked_files(paths, num_threads, num_workers):
+  """(pool, iterator of (bytes, error) for `paths`, in order)."""
+  if num_workers:
+    pool = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=multiprocessing.get_context('spawn'))   # JAX's threads: no fork
+    chunks = (paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK))
+    return pool, itertools.chain.from_iterable(
+        _ordered_map(pool, _check_chunk, chunks, window=4 * num_workers))
+  pool = concurrent.futures.ThreadPoolExecutor(num_threads or 2 * distributed.local_cores())
+  return pool, _ordered_map(pool, _read_or_error, paths)
+
+
+def _check_chunk(paths):
+  """A worker process's task: _read_or_error of each path, CHECK_THREADS at a time."""
+  with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS) as pool:
+    return list(pool.map(_read_or_error, paths))
+
+
 def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_threads,
-           show_progress):
+           num_workers, show_progress):
   total_bytes = sum(_size(os.path.join(split_dir, f)) for f, _ in files)
   num_shards = max(1, -(-total_bytes // _SHARD_BYTES))
   per_shard = -(-len(files) // num_shards)
@@ -172,9 +215,11 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
   t0 = time.time()
   bar = tqdm.tqdm(total=len(files), desc=f'preparing {split_dir}', unit='img',
                   disable=not show_progress, dynamic_ncols=True)
-  try:      # the bar and the shard closed on every path: no stale bar after an error
-    with concurrent.futures.ThreadPoolExecutor(num_threads or 2 * distributed.local_cores()) as pool:
-      checked = _ordered_map(pool, _read_or_error, [os.path.join(split_dir, f) for f, _ in files])
+  try:      # the bar, the shard and the readers closed on every path
+    with contextlib.ExitStack() as stack:
+      pool, checked = _checked_files([os.path.join(split_dir, f) for f, _ in files],
+                                     num_threads, check_workers(num_workers, len(files)))
+      stack.callback(pool.shutdown, wait=True, cancel_futures=True)
       for (rel, label), (data, error) in zip(files, checked):
         bar.update(1)
         if error is not None:

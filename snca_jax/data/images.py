@@ -202,9 +202,11 @@ def color_jitter(image: Image.Image, rng, strength: float = 0.4) -> Image.Image:
 
 def imagenet_train(x, rng, size: int, channels: int = 3, reduced: bool = True) -> np.ndarray:
   """The original's ImageNet training transform: RandomResizedCrop(size), RandomHorizontalFlip."""
-  image = _to_array(random_resized_crop(x, rng, size, channels=channels, reduced=reduced),
-                    channels)
-  return image[:, ::-1] if rng.random() < 0.5 else image   # random_flip, as a view
+  # Flipped by PIL, which lets go of the GIL while it copies; a flipped numpy view, copied
+  # into the batch pixel by pixel, held it (BENCHMARKS.md, the input pipeline).
+  image = random_flip(random_resized_crop(x, rng, size, channels=channels, reduced=reduced),
+                      rng)
+  return _to_array(image, channels)
 
 
 def imagenet_eval(x, size: int, channels: int = 3, reduced: bool = True) -> np.ndarray:
