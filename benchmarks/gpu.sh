@@ -36,13 +36,11 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 NCA_ARGS=(--variants ours,ours_bf16,pallas,pallas_bf16,floor,floor_bf16 --repeats 10)
 E2E_ARGS=()
-LEVER_ARGS=(--xla_levers '')     # XLA's CUDA graphs of every length: 1.01x on 2026-12-04
 if [[ "${1:-}" != --smoke ]]; then
   export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/snca-jax-compilation-cache}
 else
   NCA_ARGS=(--variants ours,pallas:e32r64w8s3,floor,floor_bf16 --smoke)
   E2E_ARGS=(--smoke)
-  LEVER_ARGS=()                  # the flags' own process checked all the same
 fi
 step() { echo "== ${SECONDS} s: $1"; }
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
@@ -50,7 +48,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null 
 step 'the NCA step'
 "$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}" || echo "(nca_step.py: a variant failed; going on)"
 step 'the training step'
-"$PYTHON" benchmarks/train_step.py --accelerator --levers "${LEVER_ARGS[@]}" "$@" \
+"$PYTHON" benchmarks/train_step.py --accelerator --levers "$@" \
   || echo "(train_step.py failed; going on)"
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" \
   "$PYTHON" benchmarks/train_step.py --accelerator --whole_only --profile "$@" \

@@ -381,13 +381,11 @@ def main(argv=None):
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
                  'lever, each printed as it finishes: the Pallas NCA kernel, twice the batch '
                  'with BatchNorm statistics in the compute dtype and the Pallas kernel, the '
-                 'network in float16, XLA_FLAGS (--xla_levers)')
-  p.add_argument('--xla_levers', default=XLA_LEVERS, help='XLA_FLAGS to try, each set in a '
-                 'process of its own, sets separated by ";"')
+                 'network in float16')
   p.add_argument('--profile', action='store_true', help='where the whole step\'s time goes: '
                  'a profiler trace of it, by kind of operation')
-  p.add_argument('--whole_only', action='store_true', help='the whole step alone (what a '
-                 'lever of XLA flags runs in its own process)')
+  p.add_argument('--whole_only', action='store_true', help='the whole step alone (say in a '
+                 'process of its own with other XLA_FLAGS)')
   p.add_argument('--nca_kernel', default='auto', help="the step's NCA kernel: auto (as "
                  "training: Pallas on GPUs with bfloat16 products), xla or pallas")
   p.add_argument('--bn_statistics', default='float32', choices=('float32', 'compute'),
@@ -474,16 +472,11 @@ def main(argv=None):
     levers(args, name, size, dtype, n_bank, args.batch / t_full)
 
 
-# XLA_FLAGS tried as a lever: CUDA graphs of every length (XLA's default leaves runs of
-# fewer than 5 operations outside them) with loops and conditionals in them too.
-XLA_LEVERS = ('--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=FUSION,CUBLAS,'
-              'CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL')
-
-
 def levers(args, name, size, dtype, n_bank, base):
   """The whole step again with each lever, one run each (device time is short), each printed
-  as it finishes: (label, batch, BatchNorm statistics in float32, NCA kernel, network dtype,
-  XLA_FLAGS)."""
+  as it finishes: (label, batch, BatchNorm statistics in float32, NCA kernel, network dtype).
+  XLA flags are no lever here, as they need a process of their own (`XLA_FLAGS=...
+  train_step.py --accelerator --whole_only`; BENCHMARKS.md has the one tried)."""
   print(f'levers (whole step, one run of {args.steps} steps each; '
         f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}):')
   import ml_collections
@@ -493,42 +486,21 @@ def levers(args, name, size, dtype, n_bank, base):
   kernel = step_lib.nca_kernel(ml_collections.ConfigDict(
       {'nca_kernel': args.nca_kernel, 'nca_matmul_dtype': dtype}), mesh_lib.make_mesh())
   other = 'xla' if kernel == 'pallas' else 'pallas'
-  levers = [(f'the NCA kernel {other} (the step: {kernel})', args.batch, True, other, None,
-             None),
+  levers = [(f'the NCA kernel {other} (the step: {kernel})', args.batch, True, other, None),
             (f'batch {twice}, BatchNorm statistics in {dtype}, Pallas NCA', twice, False,
-             'pallas', None, None),
-            ('the network in float16', args.batch, True, args.nca_kernel, 'float16', None)]
-  levers += [(f'XLA_FLAGS+={flags}', args.batch, True, args.nca_kernel, None, flags)
-             for flags in args.xla_levers.split(';') if flags.strip()]
+             'pallas', None),
+            ('the network in float16', args.batch, True, args.nca_kernel, 'float16')]
   if args.smoke:          # the combined lever takes most settings (the suite's time)
     levers = levers[1:]
-  for label, batch, bn_float32, lever_kernel, network_dtype, flags in levers:
+  for label, batch, bn_float32, lever_kernel, network_dtype in levers:
     try:
-      if flags:
-        t = whole_step_with_flags(args, flags)
-      else:
-        run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False,
-                         nca_kernel=lever_kernel, network_dtype=network_dtype)
-        t = timed(run, args.steps, 1)
+      run, _, _ = ours(args, name, size, dtype, n_bank, batch, bn_float32, count_flops=False,
+                       nca_kernel=lever_kernel, network_dtype=network_dtype)
     except Exception as e:                         # a lever this backend cannot build
       print(f'{label:40s} failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}')
       continue
+    t = timed(run, args.steps, 1)
     print(f'{label:40s} {1000 * t:9.1f} ms {batch / t:9.1f} images/s {batch / t / base:6.2f}x')
-
-
-def whole_step_with_flags(args, flags):
-  """The whole step's time in a process of its own with `flags` added to XLA_FLAGS."""
-  import re
-  import subprocess
-  env = dict(os.environ, XLA_FLAGS=f'{os.environ.get("XLA_FLAGS", "")} {flags}'.strip())
-  cmd = [sys.executable, os.path.abspath(__file__), '--whole_only', '--repeats', '1',
-         '--steps', str(args.steps), '--batch', str(args.batch)]
-  cmd += ['--accelerator'] * args.accelerator + ['--smoke'] * args.smoke
-  r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-  m = re.search(r'^ours: whole step\s+([\d.]+) ms', r.stdout, re.M)
-  if r.returncode or not m:
-    raise RuntimeError((r.stderr.strip().splitlines() or ['no output'])[-1])
-  return float(m[1]) / 1000
 
 
 if __name__ == '__main__':

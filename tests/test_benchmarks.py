@@ -37,10 +37,11 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
-  # The smoke run's levers: the combined one (most settings), float16, XLA flags in a process
-  # of its own; and the profile of the step by kind of operation.
+  # The smoke run's levers: the combined one (most settings) and float16 (gpu.sh leaves out
+  # XLA_FLAGS levers: CUDA graphs changed the step by 1%); then, in a process of its own with
+  # CUDA graphs off (so with XLA_FLAGS), the profile of the step by kind of operation.
   for lever in ('batch 16, BatchNorm statistics in bfloat16, Pallas NCA',
-                'the network in float16', 'XLA_FLAGS\\+=--xla_gpu_graph_min_graph_size=1 \\S+'):
+                'the network in float16'):
     assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
   assert re.search(r'^where the step goes .*: busy [\d.]+ ms of the [\d.]+ ms step', out, re.M)
   assert re.search(r'^  elementwise fusions\s+[\d.]+ ms', out, re.M), out
