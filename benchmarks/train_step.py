@@ -26,7 +26,11 @@ Every step reads the previous step's metrics back, as train.py does.
 Accelerator mode: ResNet-50 at 224x224 in bfloat16 (float32 parameters, optimizer state and
 bank), bank of N = 1,281,167 rows; images/s, and the model FLOPs utilisation: the FLOPs XLA
 counts in the compiled step over its time, against the chip's dense bfloat16 peak
-(--peak_tflops, by default from the device's name: 989 for H100/H200).
+(--peak_tflops, by default from the device's name: 989 for H100/H200). --levers times the step
+again with each lever; --profile says where its time goes (a profiler trace summed by XLA
+operation and kind: `device_time`); --whole_only times the whole step alone, with the settings
+of --nca_kernel, --bn_statistics and --network_dtype (in a process of its own for XLA_FLAGS:
+gpu.sh takes the profile so, with XLA's CUDA graphs off, which hide the kernels in them).
 """
 
 import argparse
@@ -379,7 +383,7 @@ def main(argv=None):
   p.add_argument('--skip_torch', action='store_true')
   p.add_argument('--chunk', type=int, default=0, help='NCA kernel chunk (0: its default)')
   p.add_argument('--levers', action='store_true', help='then the whole step again with each '
-                 'lever, each printed as it finishes: the Pallas NCA kernel, twice the batch '
+                 'lever, each printed as it finishes: the other NCA kernel, twice the batch '
                  'with BatchNorm statistics in the compute dtype and the Pallas kernel, the '
                  'network in float16')
   p.add_argument('--profile', action='store_true', help='where the whole step\'s time goes: '

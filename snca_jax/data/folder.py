@@ -60,7 +60,8 @@ log = logging.getLogger('snca_jax')
 # worker processes (one per core, CHECK_THREADS threads each), CHUNK files a task. One
 # process's threads share its GIL: on a GPU host's 16 cores, 32 threads prepared at 0.17 x 16 x
 # one thread's rate (BENCHMARKS.md). A worker's start imports the program's modules again
-# (seconds), hence the floor on the files.
+# (seconds), hence the floor on the files; and, as with grain's workers, a script that prepares
+# so needs the `if __name__ == '__main__':` guard (train.py and eval_knn.py have it).
 PROCESS_MIN_FILES = 16384
 CHECK_THREADS = 2
 CHUNK = 64
