@@ -37,9 +37,8 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   out = run('bash', os.path.join(BENCHMARKS, 'gpu.sh'), '--smoke')
   assert re.search(r'ours: whole step\s+[\d.]+ ms', out) and 'bfloat16' in out
   assert 'XLA counts' in out and 'MFU' in out
-  # The smoke run's levers: the combined one (most settings) and float16 (gpu.sh leaves out
-  # XLA_FLAGS levers: CUDA graphs changed the step by 1%); then, in a process of its own with
-  # CUDA graphs off (so with XLA_FLAGS), the profile of the step by kind of operation.
+  # The smoke run's levers: the combined one (most settings) and float16; and the profile of
+  # the step by kind of operation (on a GPU in a process of its own, with CUDA graphs off).
   for lever in ('batch 16, BatchNorm statistics in bfloat16, Pallas NCA',
                 'the network in float16'):
     assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
@@ -148,7 +147,7 @@ def test_input_pipeline():
 
 def test_input_pipeline_end_to_end():
   out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke')
-  for name in ('one thread', 'threads, two per core', r'\d+ worker processes'):
+  for name in ('one thread', 'threads, two per core'):      # worker processes: test_folder
     assert re.search(rf'prepare, {name}:\s+\d+ images/s = [\d.]+ x cores', out), out
   assert re.search(r'reads them with threads by default', out), out     # few files
   assert re.search(r'(\d+)% holding the GIL', out), out
