@@ -46,10 +46,10 @@ PEAK_BF16_TFLOPS = {'H100': 989.0, 'H200': 989.0, 'A100': 312.0, 'TPU v4': 275.0
                     'TPU v5 lite': 197.0, 'TPU v5': 459.0, 'TPU v6 lite': 918.0}
 
 
-def compiled_step(config, n_bank, image_shape, classes, model=None):
+def compiled_step(config, n_bank, image_shape, classes):
   """`config`'s jitted train step as training makes it (with the class index where training
   would use one), on the default devices, compiled for 4 synthetic batches of uint8 images:
-  (model, tx, state, batches, compiled). `model`: another network than the config's."""
+  (model, tx, state, batches, compiled)."""
   import jax
   from snca_jax import mesh as mesh_lib
   from snca_jax import models
@@ -59,7 +59,7 @@ def compiled_step(config, n_bank, image_shape, classes, model=None):
 
   mesh = mesh_lib.make_mesh()
   batch = config.batch_size
-  model = model or models.model_from_config(config, num_devices=mesh.size)
+  model = models.model_from_config(config, num_devices=mesh.size)
   tx = optim.make_optimizer(config, n_bank // batch)
   labels = np.arange(n_bank, dtype=np.int32) % classes
   state = state_lib.create_train_state(model, tx, key=jax.random.key(0), bank_labels=labels,
@@ -80,7 +80,7 @@ def compiled_step(config, n_bank, image_shape, classes, model=None):
 def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float32=True,
          count_flops=True, nca_kernel='auto', network_dtype=None):
   """The step, compiled: (run_full, run_resnet, flops); `network_dtype` ('float16'): the
-  network in another dtype than `dtype` (a lever: the configs offer float32 and bfloat16)."""
+  network in another dtype than `dtype`, the NCA products' (float16 with its loss scaling)."""
   import jax
   import jax.numpy as jnp
   from configs import cifar10_resnet18
@@ -94,15 +94,11 @@ def ours(args, model_name, image_size, dtype, n_bank, batch_size=None, bn_float3
   config.model = model_name
   config.bn_float32_statistics = bn_float32
   config.nca_kernel = nca_kernel
-  config.dtype = config.nca_matmul_dtype = dtype
+  config.dtype, config.nca_matmul_dtype = network_dtype or dtype, dtype
   config.nca_chunk_size = args.chunk
   config.batch_size = args.batch
-  network = None
-  if network_dtype:
-    network = models.create_model(model_name, dtype=jnp.dtype(network_dtype),
-                                  bn_float32_statistics=bn_float32)
   model, tx, state, batches, compiled = compiled_step(
-      config, n_bank, (image_size, image_size, 3), 1000 if n_bank > 100_000 else 10, network)
+      config, n_bank, (image_size, image_size, 3), 1000 if n_bank > 100_000 else 10)
   if not count_flops:
     def run_only(steps):
       nonlocal state

@@ -231,7 +231,8 @@ MODELS['tiny_resnet'] = functools.partial(
     stem_width=8)
 
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+NCA_DTYPES = ('bfloat16', 'float32')      # the NCA kernel's products
 
 
 def embedding_dim(config) -> int:
@@ -247,7 +248,8 @@ def model_from_config(config, num_devices: int = 1) -> ResNet:
   """The model of a run's config (`model`, `low_dim`, `dtype`, `model_init`, and with
   `bn_per_device` BatchNorm statistics per device of `num_devices`)."""
   if config.dtype not in DTYPES:
-    raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32' or 'bfloat16'")
+    raise ConfigError(f"dtype {config.dtype!r} is not supported: use 'float32', 'bfloat16' or "
+                      f"'float16'")
   return create_model(config.model, low_dim=config.low_dim, dtype=DTYPES[config.dtype],
                       init=config.model_init,
                       bn_groups=num_devices if config.bn_per_device else 1,

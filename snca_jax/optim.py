@@ -8,8 +8,16 @@
   of `grad_accum_steps` consecutive batches before one update. Batch statistics and the memory
   bank are updated on every batch, as in the original.
 - Memory momentum: piecewise constant in the epoch, e.g. 0.5, 0.8 from epoch 80, 0.9 from 120.
+- Dynamic loss scaling where the network computes in float16 (`dtype='float16'`), whose narrow
+  range would flush small gradients to zero: the loss is multiplied by a scale before the
+  backward pass and the gradients divided by it after (`loss_scaled`); an update whose
+  gradients are not all finite is skipped and the scale halved, and the scale doubles after
+  LOSS_SCALE_GROWTH updates without one.
 """
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -32,8 +40,49 @@ def learning_rate_schedule(config, updates_per_epoch: int):
   return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
+LOSS_SCALE_INITIAL = 2.0 ** 15
+LOSS_SCALE_GROWTH = 2000
+
+
+class LossScaleState(NamedTuple):
+  inner: optax.OptState
+  scale: jnp.ndarray            # float32: the loss's multiplier in the step now
+  good: jnp.ndarray             # int32: finite updates since the scale last changed
+
+
+def loss_scaled(inner: optax.GradientTransformation, initial: float = LOSS_SCALE_INITIAL,
+                growth: int = LOSS_SCALE_GROWTH) -> optax.GradientTransformation:
+  """`inner` taking the gradients of the loss times the state's scale (`loss_scale`): divided by
+  it, then `inner`'s update where they are all finite; elsewhere no update, `inner`'s state
+  kept, and the scale halved (not below 1). After `growth` finite updates in a row the scale
+  doubles."""
+
+  def init(params):
+    return LossScaleState(inner.init(params), jnp.float32(initial), jnp.int32(0))
+
+  def update(grads, state, params=None):
+    grads = jax.tree.map(lambda g: g / state.scale.astype(g.dtype), grads)
+    finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    updates, inner_state = inner.update(grads, state.inner, params)
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    inner_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), inner_state,
+                               state.inner)
+    good = jnp.where(finite, state.good + 1, 0)
+    scale = jnp.where(finite, state.scale, jnp.maximum(state.scale / 2, 1.0))
+    scale = jnp.where(good >= growth, scale * 2, scale)
+    return updates, LossScaleState(inner_state, scale, jnp.where(good >= growth, 0, good))
+
+  return optax.GradientTransformation(init, update)
+
+
+def loss_scale(opt_state):
+  """The scale the loss is multiplied by in this step (`loss_scaled`), or None without one."""
+  return opt_state.scale if isinstance(opt_state, LossScaleState) else None
+
+
 def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  """`steps_per_epoch` counts batches; each optimizer update takes `grad_accum_steps` of them."""
+  """`steps_per_epoch` counts batches; each optimizer update takes `grad_accum_steps` of them.
+  With a float16 network, `loss_scaled` around it all."""
   accum = config.grad_accum_steps
   schedule = learning_rate_schedule(config, max(steps_per_epoch // accum, 1))
   tx = optax.chain(
@@ -42,6 +91,8 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   )
   if accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  if config.dtype == 'float16':
+    tx = loss_scaled(tx)
   return tx
 
 

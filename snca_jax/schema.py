@@ -25,7 +25,8 @@ def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = 'small_resnet'
   c.low_dim = 128               # embedding size; 0 = the pooled features (the softmax baseline)
-  c.dtype = 'float32'
+  c.dtype = 'float32'           # the network's compute dtype; or 'bfloat16', 'float16' (with
+                                # dynamic loss scaling: optim.loss_scaled)
   c.model_init = 'torchvision'  # or 'pytorch' (PyTorch's defaults, the original's CIFAR net)
   c.bn_per_device = False       # True: BatchNorm statistics per device, as DataParallel's
   c.bn_float32_statistics = True  # False: batch statistics summed in the compute dtype (a

@@ -53,8 +53,9 @@ def nca_kernel(config, mesh) -> str:
 def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   """`loss_and_grads(state, batch, class_index=None) -> (bank, batch_stats, grads, metrics)`:
   the bank after the step, the new BatchNorm statistics, the gradient of the loss (against the
-  bank before the step) with respect to the parameters, before the optimizer sees it, and the
-  metrics {'loss', 'memory_momentum'}. The part of `train_step` that reads the batch; tests compare
+  bank before the step) with respect to the parameters, before the optimizer sees it (for a
+  float16 network, of the loss times its scale: optim.loss_scaled), and the metrics {'loss',
+  'memory_momentum'} (and 'loss_scale'). The part of `train_step` that reads the batch; tests compare
   it across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
@@ -82,9 +83,18 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
           class_index=class_index)
       return loss, (bank, updates['batch_stats'])
 
-    (loss, (bank, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    scale = optim.loss_scale(state.opt_state)       # float16 networks (optim.loss_scaled)
+
+    def objective(params):     # what is differentiated: the loss, times the scale if any
+      loss, aux = loss_fn(params)
+      return (loss if scale is None else loss * scale), (loss, aux)
+
+    (_, (loss, (bank, batch_stats))), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
-    return bank, batch_stats, grads, {'loss': loss, 'memory_momentum': momentum}
+    metrics = {'loss': loss, 'memory_momentum': momentum}
+    if scale is not None:
+      metrics['loss_scale'] = scale
+    return bank, batch_stats, grads, metrics
 
   return loss_and_grads
 

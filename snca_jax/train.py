@@ -330,4 +330,5 @@ def _report(pending, bar, writer, config, steps_per_epoch, t0, n0):
         'train/memory_momentum': float(metrics['memory_momentum']),
         'train/learning_rate': optim.learning_rate_at(config, steps_per_epoch, step),
         'train/images_per_second': rate,
+        **({'train/loss_scale': float(metrics['loss_scale'])} if 'loss_scale' in metrics else {}),
     })

@@ -136,7 +136,7 @@ def problems(config) -> list[str]:
   need(ok, 'memory_momentum_steps', '((epoch, momentum), ...) with epochs increasing and '
        'each momentum in [0, 1)')
   count('nca_chunk_size', config.nca_chunk_size, low=0)
-  one_of('nca_matmul_dtype', config.nca_matmul_dtype, sorted(models.DTYPES))
+  one_of('nca_matmul_dtype', config.nca_matmul_dtype, sorted(models.NCA_DTYPES))
   one_of('nca_kernel', config.nca_kernel, ['auto', 'pallas', 'xla'])
   one_of('nca_class_index', config.nca_class_index, ['auto', 'off', 'on'])
   count('knn.k', config.knn.k)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from snca_jax import evaluate
@@ -38,8 +39,8 @@ def tiny(config, **overrides):
   return c
 
 
-def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_config):
-  config = tiny(fake_data_config)
+def tiny_step(config):
+  """(mesh, source, state, jitted step) of `config` on the fake data, on all 8 devices."""
   mesh = mesh_lib.make_mesh()
   source = sources.open_source(config.data, 'train')
   model = models.model_from_config(config)
@@ -47,11 +48,16 @@ def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_c
   state = state_lib.create_train_state(
       model, tx, key=jax.random.key(0), bank_labels=sources.read_labels(source),
       image_shape=(28, 28, 1), low_dim=16, mesh=mesh)
+  step = step_lib.make_train_step(model, tx, config, steps_per_epoch=6, mesh=mesh,
+                                  shardings=jax.tree.map(lambda a: a.sharding, state))
+  return mesh, source, state, step
+
+
+def test_one_step_changes_params_and_only_the_batch_rows_of_the_bank(fake_data_config):
+  config = tiny(fake_data_config)
+  mesh, source, state, step = tiny_step(config)
   assert state.bank.sharding.spec == jax.sharding.PartitionSpec('data')
   assert len(state.bank.sharding.device_set) == 8
-  shardings = jax.tree.map(lambda a: a.sharding, state)
-  step = step_lib.make_train_step(model, tx, config, steps_per_epoch=6, shardings=shardings,
-                                  mesh=mesh)
   batch = next(pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
                                       transform=transforms.from_config(config.data, 'crop_flip')))
   old_params = jax.tree.map(np.asarray, state.params)
@@ -196,3 +202,33 @@ def test_no_retracing(fake_data_config, tmp_path):
     jax.monitoring.unregister_event_duration_listener(count)
   assert traces['train_step'] == 1, traces
   assert traces['embed'] <= 1, traces
+
+
+def test_a_float16_network_steps_with_its_loss_scale_and_skips_overflowing_steps(
+    fake_data_config):
+  """dtype='float16': the step differentiates the loss times the scale (reported as a metric)
+  and updates with the true gradient; where that overflows float16 in the backward pass, the
+  parameters stay and the scale halves, while the bank and the step count move on."""
+  config = tiny(fake_data_config, dtype='float16')
+  mesh, source, state, step = tiny_step(config)
+  batches = pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
+                                   transform=transforms.from_config(config.data, 'crop_flip'))
+  assert float(optim.loss_scale(state.opt_state)) == optim.LOSS_SCALE_INITIAL
+  # (At 2^15 this tiny network's first float16 backward overflows: the scale then halves until
+  # it fits, as it would in training.) A scale that fits:
+  state = state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(8.0)))
+  old = jax.tree.map(np.asarray, state.params)
+  state, metrics = step(state, step_lib.device_batch(next(batches), mesh))
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['loss_scale']) == 8.0
+  assert float(optim.loss_scale(state.opt_state)) == 8.0
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
+                                          old, state.params)))
+  # A scale no float16 cotangent survives: the step is skipped.
+  state = state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(2.0 ** 127)))
+  old, old_bank = jax.tree.map(np.asarray, state.params), np.asarray(state.bank)
+  state, metrics = step(state, step_lib.device_batch(next(batches), mesh))
+  assert np.isfinite(float(metrics['loss'])) and int(state.step) == 2
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: np.array_equal(a, np.asarray(b)),
+                                          old, state.params)))
+  assert float(optim.loss_scale(state.opt_state)) == 2.0 ** 126
+  assert not np.array_equal(old_bank, np.asarray(state.bank))
