@@ -6,8 +6,9 @@ shortcuts), and the CIFAR variants follow the original's ``models/resnet_cifar.p
 stride-1 stem, no max-pool). Explicit paddings, rather than 'SAME', keep the arithmetic identical
 to PyTorch's so that converted weights give the same embeddings.
 
-Parameters are always float32; ``dtype`` sets the compute dtype (float32 or bfloat16). The
-embedding is returned in float32 with unit L2 norm.
+Parameters are always float32; ``dtype`` sets the compute dtype (float32, bfloat16 or float16,
+the last trained with loss scaling: optim.py). The embedding is returned in float32 with unit L2
+norm.
 """
 
 import functools
