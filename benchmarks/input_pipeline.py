@@ -49,14 +49,25 @@ from snca_jax.data import transforms  # noqa: E402
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def sample_photos():
+  """scikit-learn's two sample photos (China, a flower) as RGB arrays, as its
+  `load_sample_images` gives them, read from its package files without importing it (which
+  brings joblib's loky: on the GPU host's Python 3.12 its semaphores drew 441 lines of
+  resource-tracker warnings into gpu.sh's log once grain's workers ran); None without it."""
+  import importlib.util
+  spec = importlib.util.find_spec('sklearn')
+  if spec is None:
+    return None
+  directory = os.path.join(spec.submodule_search_locations[0], 'datasets', 'images')
+  return [np.asarray(Image.open(os.path.join(directory, name)).convert('RGB'))
+          for name in sorted(os.listdir(directory)) if name.endswith('.jpg')]
+
+
 def photos(n, seed=0):
   """n JPEGs of 500x375 (quality 90)."""
   rng = np.random.default_rng(seed)
-  try:
-    from sklearn.datasets import load_sample_images
-    sources, kind = load_sample_images().images, 'real photos (scikit-learn sample images)'
-  except ImportError:
-    sources, kind = None, 'synthetic pictures'
+  sources = sample_photos()
+  kind = 'real photos (scikit-learn sample images)' if sources else 'synthetic pictures'
   out = []
   for i in range(n):
     if sources is not None:
