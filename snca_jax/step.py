@@ -55,8 +55,8 @@ def make_loss_and_grads(model, config, *, steps_per_epoch: int, mesh):
   the bank after the step, the new BatchNorm statistics, the gradient of the loss (against the
   bank before the step) with respect to the parameters, before the optimizer sees it (for a
   float16 network, of the loss times its scale: optim.loss_scaled), and the metrics {'loss',
-  'memory_momentum'} (and 'loss_scale'). The part of `train_step` that reads the batch; tests compare
-  it across meshes and processes."""
+  'memory_momentum'} (and 'loss_scale'). The part of `train_step` that reads the batch; tests
+  compare it across meshes and processes."""
   memory_momentum = optim.memory_momentum_schedule(config, steps_per_epoch)
   mean, std = tuple(config.data.mean), tuple(config.data.std)
   kernel = nca_kernel(config, mesh)

@@ -126,7 +126,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     check_labels(bank_labels, config.data.num_classes, f'{config.data.name} train split')
     state = state_lib.create_train_state(
         model, tx, key=jax.random.key(config.seed), bank_labels=bank_labels,
-        image_shape=sources.image_shape(config.data), low_dim=models.embedding_dim(config), mesh=mesh)
+        image_shape=sources.image_shape(config.data), low_dim=models.embedding_dim(config),
+        mesh=mesh)
 
   train_step = step_lib.make_train_step(
       model, tx, config, steps_per_epoch=steps_per_epoch, shardings=shardings, mesh=mesh,
