@@ -18,11 +18,12 @@ Everything runs on one thread of one core, on the same JPEGs of ImageNet size (5
 Then the cores needed to feed 3,000 images/s, and the rate of preparing an image folder.
 
 `--end_to_end` measures what training gets instead, on a folder of --n such JPEGs (256 photos
-repeated): preparing it with one thread and with the default threads, against the cores times
-the one-thread rate; then a whole epoch read as train.py reads it (`pipeline.run_batches`, the
-ImageNet training transform, batches of 128; best of two epochs, each starting its readers)
-with each recipe's reader settings and with grain worker processes, against the cores times
-the rate of the same transform on one core (best of two passes).
+repeated): preparing it with one thread, with two threads a core and with a worker process a
+core, against the cores times the one-thread rate; then whole epochs read as train.py reads
+them (`pipeline.run_batches`, the ImageNet training transform, batches of 128, each epoch
+starting its readers) with each recipe's reader settings and with grain worker processes, in
+three rounds in turns, each epoch against the cores times that round's rate of the same
+transform on one core; medians over the rounds.
 
 The images are real photos where scikit-learn is installed (its two sample images, China and
 a flower, cut into 500x375 views and re-encoded), else synthetic pictures with noise.

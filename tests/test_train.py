@@ -207,8 +207,9 @@ def test_no_retracing(fake_data_config, tmp_path):
 def test_a_float16_network_steps_with_its_loss_scale_and_skips_overflowing_steps(
     fake_data_config):
   """dtype='float16': the step differentiates the loss times the scale (reported as a metric)
-  and updates with the true gradient; where that overflows float16 in the backward pass, the
-  parameters stay and the scale halves, while the bank and the step count move on."""
+  and updates with the true gradient (as with a scale of 1, to float16's underflow); where that
+  overflows float16 in the backward pass, the parameters stay and the scale halves, while the
+  bank and the step count move on."""
   config = tiny(fake_data_config, dtype='float16')
   mesh, source, state, step = tiny_step(config)
   batches = pipeline.train_batches(source, global_batch_size=16, seed=0, epoch=0,
@@ -216,13 +217,20 @@ def test_a_float16_network_steps_with_its_loss_scale_and_skips_overflowing_steps
   assert float(optim.loss_scale(state.opt_state)) == optim.LOSS_SCALE_INITIAL
   # (At 2^15 this tiny network's first float16 backward overflows: the scale then halves until
   # it fits, as it would in training.) A scale that fits:
-  state = state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(8.0)))
+  batch = step_lib.device_batch(next(batches), mesh)
+  with_scale = lambda s: state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(s)))
   old = jax.tree.map(np.asarray, state.params)
-  state, metrics = step(state, step_lib.device_batch(next(batches), mesh))
+  unscaled, _ = step(jax.tree.map(jnp.copy, with_scale(1.0)), batch)
+  state, metrics = step(with_scale(8.0), batch)
   assert np.isfinite(float(metrics['loss'])) and float(metrics['loss_scale']) == 8.0
   assert float(optim.loss_scale(state.opt_state)) == 8.0
   assert all(jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)),
                                           old, state.params)))
+  # The same update as with a scale of 1, up to what float16's subnormals lose there (under
+  # 0.1% of each parameter's update here); not divided back, it would be 8 times it.
+  for a, b, o in zip(*map(jax.tree.leaves, (state.params, unscaled.params, old))):
+    got, want = np.asarray(a) - o, np.asarray(b) - o
+    assert np.linalg.norm(got - want) <= 0.01 * np.linalg.norm(want)
   # A scale no float16 cotangent survives: the step is skipped.
   state = state.replace(opt_state=state.opt_state._replace(scale=jnp.float32(2.0 ** 127)))
   old, old_bank = jax.tree.map(np.asarray, state.params), np.asarray(state.bank)
