@@ -100,6 +100,22 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
   assert np.array_equal(np.asarray(idx), want)
 
 
+@pytest.mark.parametrize('full,nq,keep', [
+    (60000, 1024, 30), (60000, 1024, 1000), (60000, 10000, 417), (1281152, 2048, 30),
+    (1281152, 2048, 2017), (35040, 7, 3)])
+def test_groups_of_the_block_pass_overlap_by_less_than_a_tile_each(full, nq, keep):
+  """`_block_pass`'s tiling: groups of whole tiles, at least `keep` blocks and at most
+  GROUP_BLOCKS (or `keep`), and the last group's overlap with the one before (rows scored
+  twice) under a tile a group. (Groups of the most tiles that fit scored 54,688 of the demo's
+  60,000 rows twice.)"""
+  chunk, group = knn._tiling(full, nq, keep)
+  block = knn.BLOCK
+  assert chunk % block == 0 and group % chunk == 0 and keep * block <= group <= full
+  assert group <= max(keep * block + chunk, knn.GROUP_BLOCKS * block)
+  groups = -(-full // group)
+  assert 0 <= groups * group - full < groups * chunk
+
+
 @pytest.mark.parametrize('k,num_devices,method,screen', [
     (1, 2, 'auto', 'none'), (30, 2, 'auto', 'none'), (200, 1, 'blocked', 'none'),
     (1000, 2, 'auto', 'none'), (30, 8, 'chunked', 'none'), (200, 1, 'blocked', 'bfloat16')])
