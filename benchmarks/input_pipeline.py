@@ -1,7 +1,7 @@
 """Input pipeline throughput per core: the ImageNet training transform from JPEG bytes.
 
     python benchmarks/input_pipeline.py [--n 256] [--batch 32]
-    python benchmarks/input_pipeline.py --end_to_end [--n 12800]
+    python benchmarks/input_pipeline.py --end_to_end [--n 12800] [--threads 3,4]
 
 Everything runs on one thread of one core, on the same JPEGs of ImageNet size (500x375, quality
 90), in one run:
@@ -189,8 +189,9 @@ def gil_share(transform, batches):
   return 1 - inside[0] / total
 
 
-def end_to_end(n, batch, smoke):
-  """Prepare rates and whole epochs through the pipeline, against cores x one core."""
+def end_to_end(n, batch, smoke, more_threads=()):
+  """Prepare rates and whole epochs through the pipeline, against cores x one core;
+  `more_threads`: more rows, epochs read by that many threads in this process."""
   from configs import folder as folder_recipe
   from configs import imagenet_resnet50
   from snca_jax import distributed
@@ -239,6 +240,8 @@ def end_to_end(n, batch, smoke):
                         'folder').data), ('configs/folder.py', folder_recipe.get_config().data)]:
       rows.setdefault(pipeline.readers(d.num_threads, d.worker_count), []).append(
           f'{name} (from the cores)')
+    for t in more_threads:
+      rows.setdefault((t, 0), []).append(f'{t} threads, no workers')
     rows.setdefault((1, cores), []).append('grain workers, 1 thread each')
     if cores < many:    # one worker's threads where they are most of the cores: the GIL's limit
       rows.setdefault((pipeline.readers(0, -1, many)[0], 1), []).append(
@@ -289,13 +292,17 @@ def main():
                       'it runs')
   parser.add_argument('--end_to_end', action='store_true', help='preparing a folder and whole '
                       'epochs through the pipeline, against cores x one core (--n default 12800)')
+  parser.add_argument('--threads', default='', help='with --end_to_end: epochs also read by '
+                      'these numbers of threads in this process, comma-separated (e.g. more '
+                      'threads than cores)')
   args = parser.parse_args()
   if args.smoke:
     args.n, args.batch, args.repeat = 8, 4, 1
     print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
   if args.end_to_end:
     n = args.n if args.smoke or '--n' in sys.argv else 12800
-    return end_to_end(n, 4 if args.smoke else 128, args.smoke)
+    return end_to_end(n, 4 if args.smoke else 128, args.smoke,
+                      [int(t) for t in args.threads.split(',') if t])
   import torch
   torch.set_num_threads(1)
   data, kind = photos(args.n)

@@ -15,6 +15,8 @@
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
+`--parts` adds, for each K, where the time of the search goes (`parts_of_search`).
+
 Both run on the same bank and queries in one process, timed in turns (faiss, then each of
 ours, --repeats rounds after one warm-up each: a shared machine's busy spells fall on all
 alike); the table gives the median seconds and queries per second, and the agreement of the
@@ -53,6 +55,68 @@ def timed(fns, repeats):
   return [(out, float(np.median(ts))) for out, ts in zip(outs, times)]
 
 
+def parts_of_search(queries, bank, labels, k, repeats):
+  """Where the blocked search's time goes on one device, for one batch of queries, each part
+  timed in turns with the others (medians): the bank's products alone in the search's tiles
+  (float32 and bfloat16; their maxima summed away), the same reduced to block maxima, the
+  first pass with its running selection of blocks (`knn._block_pass`, as the plain search
+  and the screened one call it), and the whole searches; the differences are the block
+  maxima's, the selection's and the rescoring's costs."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  from snca_jax import bank as bank_lib
+  from snca_jax import knn
+  bank, labels = jax.device_get(bank), jax.device_get(labels)
+  q, bank, labels = jnp.asarray(queries), jnp.asarray(bank), jnp.asarray(labels)
+  nq, full = q.shape[0], bank.shape[0] // knn.BLOCK * knn.BLOCK
+  chunk, _ = knn._tiling(full, nq, k)
+
+  def tiles(dtype, maxima):
+    def products(q, b, _):
+      def fold(carry, rows, fresh, tile):
+        sims = jnp.einsum('qd,cd->qc', q.astype(dtype), tile.astype(dtype),
+                          preferred_element_type=jnp.float32)
+        if maxima:
+          sims = jnp.max(sims.reshape(nq, -1, knn.BLOCK), axis=2)
+        return carry + jnp.sum(sims, axis=1)
+      return bank_lib.scan_chunks(fold, jnp.zeros(nq), (b,), chunk, total=full)
+    return jax.jit(products)
+
+  def block_pass(dtype, keep):
+    return jax.jit(lambda q, b, l: knn._block_pass(q, b, l, keep=keep, matmul_dtype=dtype,
+                                                    full=full))
+
+  def whole(fn, **kw):
+    return jax.jit(lambda q, b, l: fn(q, b, l, k=k, **kw))
+
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  rows = [('the bank read once (summed)', jax.jit(lambda q, b, l: jnp.sum(b, axis=0))),
+          ('products, float32', tiles(f32, False)),
+          ('products, bfloat16', tiles(bf16, False)),
+          ('+ block maxima, float32', tiles(f32, True)),
+          ('+ block maxima, bfloat16', tiles(bf16, True)),
+          (f'first pass, float32, {k} blocks', block_pass(f32, k)),
+          (f'first pass, bfloat16, {k} blocks', block_pass(bf16, k)),
+          ('plain search, float32', whole(knn._plain_top_k, matmul_dtype=f32)),
+          ('plain search, bfloat16', whole(knn._plain_top_k, matmul_dtype=bf16))]
+  if full // knn.BLOCK > knn.SCREEN_BLOCKS(k):
+    rows[7:7] = [(f'first pass, bfloat16, {knn.SCREEN_BLOCKS(k) + 1} blocks (screened)',
+                  block_pass(bf16, knn.SCREEN_BLOCKS(k) + 1))]
+    rows.append(('screened search', whole(knn._screened_top_k)))
+  times = timed([functools.partial(lambda f: jax.block_until_ready(f(q, bank, labels)), f)
+                 for _, f in rows], repeats)
+  print(f'where the time goes, K={k}, {nq:,} queries, one device, {full:,} rows in blocks of '
+        f'{knn.BLOCK}, tiles of {chunk:,} rows (median of {repeats} rounds):')
+  for (name, _), (_, t) in zip(rows, times):
+    print(f'  {name:48s}{t:8.2f} s')
+  gathered = nq * min(k, full // knn.BLOCK) * knn.BLOCK * bank.shape[1] * 4
+  print(f'  (the plain search scores {min(k, full // knn.BLOCK) * knn.BLOCK:,} rows a query again: '
+        f'{gathered / 1e9:.2f} GB gathered, {gathered / bank.nbytes:.1f} x the bank)')
+  print()
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--n', type=int, default=1_281_167)
@@ -71,6 +135,9 @@ def main(argv=None):
                  help='rows per block of the blocked search (default: knn.BLOCK)')
   p.add_argument('--group_blocks', type=int, default=0,
                  help='block maxima selected at a time (default: knn.GROUP_BLOCKS)')
+  p.add_argument('--parts', action='store_true',
+                 help='also where the time of the search goes, for the first batch of queries '
+                 '(parts_of_search)')
   p.add_argument('--smoke', action='store_true',
                  help='tiny sizes (N = 5,000, Q = 64), to check that it runs')
   args = p.parse_args(argv)
@@ -158,6 +225,8 @@ def main(argv=None):
       print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
             f"{100 * same:11.2f}%")
     print()
+    if args.parts:
+      parts_of_search(queries[:args.batch_size], dev_bank, dev_labels, k, args.repeats)
 
 
 if __name__ == '__main__':

@@ -97,7 +97,7 @@ def test_knn_finds_faiss_neighbours():
 
 def test_knn_on_exported_embeddings(tmp_path):
   """`--embeddings` reads what `eval_knn.py --export` writes, and the screened search finds
-  faiss's neighbours there."""
+  faiss's neighbours there; `--parts` says where its time goes."""
   rng = np.random.default_rng(0)
   unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   bank = unit(rng.normal(size=(3000, 16)))
@@ -105,9 +105,15 @@ def test_knn_on_exported_embeddings(tmp_path):
   np.save(tmp_path / 'database_labels.npy', np.arange(3000) % 4)
   np.save(tmp_path / 'queries.npy', unit(bank[:50] + 0.3 * rng.normal(size=(50, 16))))
   out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--embeddings', str(tmp_path),
-            '--k=5', '--methods=screened')
+            '--k=5', '--methods=screened', '--parts')
   assert f'Q=50 queries, N=3,000 x D=16 (embeddings of {tmp_path})' in out
   assert re.search(r'^screened\s+[\d.]+\s+\d+\s+[\d.]+\s+100.00%\s+100.00%$', out, re.M), out
+  assert 'where the time goes, K=5, 32 queries, one device, 2,976 rows in blocks of 32' in out
+  parts = re.findall(r'^  (\S.*\S)\s+[\d.]+ s$', out, re.M)
+  assert parts[0] == 'the bank read once (summed)' and parts[-1] == 'screened search', out
+  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 11, out
+  assert '(the plain search scores 160 rows a query again: 0.00 GB gathered, 1.7 x the bank)' \
+      in out, out
 
 
 def test_memory_and_scaling_reports():
@@ -146,12 +152,13 @@ def test_input_pipeline():
 
 
 def test_input_pipeline_end_to_end():
-  out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke')
+  out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke',
+            '--threads=3')
   for name in ('one thread', 'threads, two per core'):      # worker processes: test_folder
     assert re.search(rf'prepare, {name}:\s+\d+ images/s = [\d.]+ x cores', out), out
   assert re.search(r'reads them with threads by default', out), out     # few files
   assert re.search(r'(\d+)% holding the GIL', out), out
   for name in ('configs/imagenet_resnet50.py:folder (from the cores)',
                'configs/folder.py (from the cores)', 'grain workers, 1 thread each',
-               '1 grain worker, 2 threads (as on >= 5 cores)'):
+               '1 grain worker, 2 threads (as on >= 5 cores)', '3 threads, no workers'):
     assert re.search(re.escape(name) + r'.*?(\s+\d+){3}(\s+[\d.]+){2}\s+\d+$', out, re.M), out
