@@ -46,7 +46,8 @@ step() { echo "== ${SECONDS} s: $1"; }
 "$PYTHON" -c 'import jax; print("devices:", jax.devices())'
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv 2>/dev/null || true
 step 'the NCA step'
-"$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}" || echo "(nca_step.py: a variant failed; going on)"
+"$PYTHON" benchmarks/nca_step.py "${NCA_ARGS[@]}" \
+  || echo "(nca_step.py: a variant failed; going on)"
 step 'the training step'
 if [[ "${1:-}" != --smoke ]]; then
   "$PYTHON" benchmarks/train_step.py --accelerator --levers "$@" \
@@ -59,7 +60,8 @@ else                             # one process (the suite's time): the profile i
 fi
 if [[ "${1:-}" != --smoke ]]; then
   step 'the input pipeline'
-  "$PYTHON" benchmarks/input_pipeline.py --end_to_end --n 12800 || echo "(input_pipeline.py failed; going on)"
+  "$PYTHON" benchmarks/input_pipeline.py --end_to_end --n 12800 \
+    || echo "(input_pipeline.py failed; going on)"
 fi
 step 'end to end'
 "$PYTHON" benchmarks/end_to_end.py "${E2E_ARGS[@]}" || echo "(end_to_end.py failed; going on)"

@@ -111,9 +111,10 @@ def parts_of_search(queries, bank, labels, k, repeats):
         f'{knn.BLOCK}, tiles of {chunk:,} rows (median of {repeats} rounds):')
   for (name, _), (_, t) in zip(rows, times):
     print(f'  {name:48s}{t:8.2f} s')
-  gathered = nq * min(k, full // knn.BLOCK) * knn.BLOCK * bank.shape[1] * 4
-  print(f'  (the plain search scores {min(k, full // knn.BLOCK) * knn.BLOCK:,} rows a query again: '
-        f'{gathered / 1e9:.2f} GB gathered, {gathered / bank.nbytes:.1f} x the bank)')
+  again = min(k, full // knn.BLOCK) * knn.BLOCK         # rows a query, of its best blocks
+  gathered = nq * again * bank.shape[1] * 4
+  print(f'  (the plain search scores {again:,} rows a query again: {gathered / 1e9:.2f} GB '
+        f'gathered, {gathered / bank.nbytes:.1f} x the bank)')
   print()
 
 
