@@ -21,7 +21,10 @@ single-threaded, unless XLA_FLAGS already names a device count), with each lever
 compiled first and then timed in turns (the machine's busy spells fall on all alike):
   a bank of 6,000 rows (the NCA kernel's share of the step: its work scales with the bank),
   the NCA products in bfloat16, batch 256 (learning rate 0.2), the network in bfloat16.
-Every step reads the previous step's metrics back, as train.py does.
+Every step reads the previous step's metrics back, as train.py does. With --profile, where the
+demo step's time goes: a trace of it summed by kind of operation (`device_time`), each kind read
+from the compiled program (`cpu_kinds`: the NCA kernel's products and the rest of it, the
+network's convolutions forward and backward, layout transposes, collectives, ...).
 
 Accelerator mode: ResNet-50 at 224x224 in bfloat16 (float32 parameters, optimizer state and
 bank), bank of N = 1,281,167 rows; images/s, and the model FLOPs utilisation: the FLOPs XLA
@@ -35,6 +38,7 @@ gpu.sh takes the profile so, with XLA's CUDA graphs off, which hide the kernels 
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -178,7 +182,7 @@ def demo(args):
         pending = metrics
       jax.device_get(pending)
     run(2)                                         # warm up
-    return run, config.batch_size
+    return run, config.batch_size, compiled
 
   variants = [('the demo step', [], n_bank),
               (f'a bank of {n_bank // 10:,} rows', [], n_bank // 10),
@@ -195,12 +199,18 @@ def demo(args):
   images = (args.steps or (2 if args.smoke else 40)) * runs[0][1]
   times = [[] for _ in runs]
   for _ in range(args.repeats):
-    for i, (run, batch) in enumerate(runs):
+    for i, (run, batch, _) in enumerate(runs):
       t = time.perf_counter()
       run(max(1, images // batch))
       times[i].append(time.perf_counter() - t)
-  return [(label, max(1, images // batch) * batch / float(np.median(ts)))
-          for (label, _, _), (_, batch), ts in zip(variants, runs, times)]
+  results = [(label, max(1, images // batch) * batch / float(np.median(ts)))
+             for (label, _, _), (_, batch, _), ts in zip(variants, runs, times)]
+  profile = []
+  if args.profile:                # where the demo step's time goes, by kind of operation
+    run, batch, compiled = runs[0]
+    profile = device_time(run, 2 if args.smoke else 10, batch / results[0][1], top=16,
+                          kinds=cpu_kinds(compiled.as_text()))
+  return results, profile
 
 
 def _kind(op):
@@ -220,11 +230,77 @@ def _kind(op):
   return 'other'
 
 
-def device_time(run, steps, step_time, top=12):
+# Spans of a CPU trace that are the runtime's, not XLA's operations: the program's, its
+# executor's, their waits (a collective's own span holds its wait for the other devices).
+_RUNTIME_SPANS = ('ThreadpoolListener', 'end:', 'SlinkyThreadPool', 'ThunkExecutor', 'Wait',
+                  'Rendezvous', 'InvokeRendezvous', 'Handle ', 'Allocate')
+
+
+def _leaves(events):
+  """The events of one trace line that hold no other: a while loop's span holds its body's
+  operations, which are counted instead."""
+  leaves, stack = [], []                         # stack: [end, event, holds another]
+  for e in sorted(events, key=lambda e: (e.start_ns, -e.duration_ns)):
+    while stack and stack[-1][0] <= e.start_ns:
+      _, done, holds = stack.pop()
+      if not holds:
+        leaves.append(done)
+    if stack:
+      stack[-1][2] = True
+    stack.append([e.end_ns, e, False])
+  return leaves + [e for _, e, holds in stack if not holds]
+
+
+_COLLECTIVES = {'all-reduce', 'all-reduce-start', 'all-gather', 'all-gather-start',
+                'reduce-scatter', 'all-to-all', 'collective-permute'}
+
+
+def cpu_kinds(hlo):
+  """The kind of work of each operation of a compiled CPU program, by name, from its optimized
+  HLO text (`compiled.as_text()`): what a fusion's computation holds (a convolution, a dot, a
+  transpose, a collective) and the name the operation had in the program (its op_name: the
+  NCA kernel and the bank update run in a shard_map; the network's backward pass is the
+  transpose of its jvp). The weight gradients' convolutions and the layout transposes before
+  them carry no op_name."""
+  ops, lines, comp = {}, {}, None
+  for line in hlo.splitlines():
+    if line.endswith('{') and not line.startswith(' '):
+      comp = line.split()[1 if line.startswith('ENTRY') else 0].lstrip('%')
+      continue
+    m = re.match(r'\s*(?:ROOT )?%(\S+) = (?:\((?:[^()]|\([^()]*\))*\)|\S+) ([\w-]+)\(', line)
+    if m:
+      ops.setdefault(comp, set()).add(m[2])
+      lines[m[1]] = (m[2], line)
+  kinds = {}
+  for name, (opcode, line) in lines.items():
+    called = re.search(r'calls=%([\w.-]+)', line)
+    held = {opcode} | ops.get(called[1] if called else None, set())
+    op_name = (re.search(r'op_name="([^"]*)"', line) or [''] * 2)[1]
+    if held & _COLLECTIVES:
+      kind = 'collectives (BatchNorm statistics, gradients; their waits)'
+    elif 'shard_map' in op_name:
+      kind = 'NCA kernel and bank update: ' + ('matrix products' if 'dot' in held else 'the rest')
+    elif 'convolution' in held:
+      backward = 'transpose(' in op_name or not op_name
+      kind = 'network: convolutions, ' + ('backward' if backward else 'forward')
+    elif 'transpose' in held or opcode == 'copy':
+      kind = 'layout transposes and copies'
+    elif 'ResNet' in op_name:
+      kind = 'network: BatchNorm, ReLU and other elementwise'
+    else:
+      kind = 'optimizer and the rest'
+    kinds[name] = kind
+  return kinds
+
+
+def device_time(run, steps, step_time, top=12, kinds=None):
   """Where a step's time goes: a profiler trace of `steps` steps, each kernel's time summed by
-  the XLA operation it runs (the trace's `hlo_op`, else the kernel's name) and by kind; on a
-  CPU, XLA's work on its client threads. Returns the report's lines: per step, the device's
-  busy time against `step_time` (the untraced step), then the kinds and the `top` operations."""
+  the XLA operation it runs (the trace's `hlo_op`, else the kernel's name) and by kind
+  (`kinds`, a name's kind, where given: `cpu_kinds`; else from the name); on a CPU, XLA's
+  operations on its threads, a device's share (all its threads' time over the devices; the
+  rest of a step is in no operation's span: waits, the runtime's own work, and any work the
+  trace does not place in one). Returns the report's lines: per step, the device's busy time against `step_time` (the
+  untraced step), then the kinds and the `top` operations."""
   import glob
   import tempfile
   import jax
@@ -246,27 +322,29 @@ def device_time(run, steps, step_time, top=12):
         named += bool(op)
         op = str(op or e.name)
         times[op] = times.get(op, 0.0) + e.duration_ns / 1e9 / steps
-  if not times:                 # a CPU: XLA's work on its client threads
+  share = 1
+  if not times:                 # a CPU: XLA's threads (its client's and its pool's)
+    share = len(jax.local_devices())
     for plane in data.planes:
       for line in plane.lines if plane.name == '/host:CPU' else ():
-        if line.name.startswith('tf_XLAPjRt'):
-          for e in line.events:
-            if not e.name.startswith(('ThreadpoolListener', 'end:', 'SlinkyThreadPool',
-                                      'ThunkExecutor')):
-              times[e.name] = times.get(e.name, 0.0) + e.duration_ns / 1e9 / steps
+        if line.name.startswith('tf_XLA'):
+          for e in _leaves(e for e in line.events
+                           if not e.name.startswith(_RUNTIME_SPANS) and '::' not in e.name):
+            times[e.name] = times.get(e.name, 0.0) + e.duration_ns / 1e9 / steps / share
   busy = sum(times.values())
-  kinds = {}
+  kind_of = lambda op: (kinds or {}).get(op) or _kind(op)
+  by_kind = {}
   for op, t in times.items():
-    kinds[_kind(op)] = kinds.get(_kind(op), 0.0) + t
+    by_kind[kind_of(op)] = by_kind.get(kind_of(op), 0.0) + t
   where = (f'device {devices[0].name}, {named} of its kernels named by XLA operation'
-           if devices else "the CPU's XLA threads")
+           if devices else f"the CPU's XLA threads, a device's share of {share}")
   out = [f'where the step goes ({where}; a trace of {steps} steps): busy {1000 * busy:.1f} ms '
          f'of the {1000 * step_time:.1f} ms step ({100 * busy / step_time:.0f}%)']
-  for kind, t in sorted(kinds.items(), key=lambda kv: -kv[1]):
-    out.append(f'  {kind:55s} {1000 * t:8.2f} ms {100 * t / busy:5.1f}%')
+  for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+    out.append(f'  {kind:60s} {1000 * t:8.2f} ms {100 * t / busy:5.1f}%')
   out.append(f'  the {top} longest operations:')
   for op, t in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
-    out.append(f'    {op[:70]:70s} {1000 * t:8.2f} ms')
+    out.append(f'    {op[:40]:40s} {kind_of(op)[:48]:48s} {1000 * t:8.2f} ms')
   return out
 
 
@@ -409,13 +487,14 @@ def main(argv=None):
     print(f"make demo's step (configs/fashion_mnist.py), {len(jax.devices())} x "
           f"{jax.devices()[0].device_kind} ({distributed.processor()}), "
           f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; median of {args.repeats} rounds in turns")
-    results = demo(args)
+    results, profile = demo(args)
     base = results[0][1]
     for label, rate in results:
       print(f'{label:40s} {rate:9.1f} images/s {rate / base:6.2f}x')
     nca = 1 / base - 1 / results[1][1]           # the NCA kernel's time scales with the bank
     print(f'the NCA kernel against the bank: about {100 * nca * base / 0.9:.0f}% of the step '
           f'(from the step with a tenth of the bank)')
+    print('\n'.join(profile))
     return
   device = jax.devices()[0]
   if args.accelerator:

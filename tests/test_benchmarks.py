@@ -42,7 +42,7 @@ def test_gpu_script_runs_the_training_step_the_nca_step_and_end_to_end():
   for lever in ('batch 16, BatchNorm statistics in bfloat16, Pallas NCA',
                 'the network in float16'):
     assert re.search(rf'^{lever}\s+[\d.]+ ms\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
-  assert re.search(r'^where the step goes .*: busy [\d.]+ ms of the [\d.]+ ms step', out, re.M)
+  assert_busy(out)
   assert re.search(r'^  elementwise fusions\s+[\d.]+ ms', out, re.M), out
   for variant in ('ours', 'pallas:e32r64w8s3', 'floor', 'floor_bf16'):
     assert re.search(rf'^{variant}\s+[\d.]+\s+[\d.]+', out, re.M), (variant, out)
@@ -61,14 +61,28 @@ def test_train_step_beside_pytorch():
   assert re.search(r'ours / torch: [\d.]+x', out)
 
 
+def assert_busy(out):
+  """A profile's first line: the operations' time is a real share of the step (on a CPU, the
+  trace's operations were once looked for on threads that run none: 0%)."""
+  busy = re.search(r'^where the step goes .*: busy ([\d.]+) ms of the ([\d.]+) ms step', out, re.M)
+  assert busy and float(busy[1]) > 0.1 * float(busy[2]), out
+
+
 def test_demo_step_and_its_levers():
-  """train_step.py --demo: make demo's step as the demo runs it (a device per core), with the
-  NCA kernel's share of it."""
-  out = run(sys.executable, 'benchmarks/train_step.py', '--demo', '--smoke')
+  """train_step.py --demo --profile: make demo's step as the demo runs it (a device per core),
+  with the NCA kernel's share of it, and where its time goes by kind of operation (each
+  operation's kind from the compiled program: the NCA kernel's products, the network's
+  convolutions forward and backward, the collectives)."""
+  out = run(sys.executable, 'benchmarks/train_step.py', '--demo', '--smoke', '--profile')
   assert f'xla_force_host_platform_device_count={os.cpu_count()} ' in out   # as the Makefile
   for label in ('the demo step', 'a bank of 100 rows'):
     assert re.search(rf'^{label}\s+[\d.]+ images/s\s+[\d.]+x$', out, re.M), out
   assert re.search(r'the NCA kernel against the bank: about -?\d+% of the step', out), out
+  assert_busy(out)
+  for kind in ('NCA kernel and bank update: matrix products', 'network: convolutions, forward',
+               'network: convolutions, backward') + ('collectives (BatchNorm statistics',) * (
+                   os.cpu_count() > 1):
+    assert re.search(rf'^  {re.escape(kind)}.*\s[\d.]+ ms\s+[\d.]+%$', out, re.M), (kind, out)
 
 
 def test_nca_step_against_torch_and_dense():
