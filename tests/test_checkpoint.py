@@ -206,3 +206,47 @@ def test_orbax_leftovers_are_dropped_unless_verbose(monkeypatch):
     assert len(forwarded) == 2
   finally:
     absl_logging.set_verbosity(verbosity)
+
+
+def test_abandoned_tensorstore_reads_are_not_logged_unless_verbose():
+  """A restore that fails one TensorStore read leaves its sibling reads, wrapped in asyncio
+  tasks, unretrieved: asyncio logs each ('Task exception was never retrieved') with a traceback
+  that holds only its `_wrap_awaitable` (the future raises from C). eval_knn.py once wrote one
+  such traceback after its one line. Dropped unless verbose; the same error from Python code,
+  or one without TensorStore's status code, is logged."""
+  import asyncio
+  import logging
+  from absl import logging as absl_logging
+
+  def task_error(message, from_c=True):
+    async def main():
+      failed = asyncio.get_running_loop().create_future()
+      failed.set_exception(ValueError(message))
+      if from_c:                   # an awaitable whose __await__ is C code, as TensorStore's
+        awaitable = type('Read', (), {'__await__': staticmethod(failed.__await__)})()
+      else:
+        class awaitable:           # noqa: N801 (a Python __await__: its frame is in the traceback)
+          def __await__(self):
+            return (yield from failed)
+        awaitable = awaitable()
+      task = asyncio.ensure_future(awaitable)
+      await asyncio.wait([task])
+      return task.exception()
+    e = asyncio.run(main())
+    return logging.LogRecord('asyncio', logging.ERROR, asyncio.base_events.__file__, 1,
+                             'Task exception was never retrieved', None,
+                             (type(e), e, e.__traceback__))
+
+  status = 'DATA_LOSS: Error decoding manifest: CRC-32C checksum verification failed'
+  quiet = checkpoint.quiet._QUIET_FILTER
+  assert quiet in logging.getLogger('asyncio').filters
+  verbosity = absl_logging.get_verbosity()
+  try:
+    absl_logging.set_verbosity(absl_logging.ERROR)     # not --verbose
+    assert not quiet.filter(task_error(status))
+    assert quiet.filter(task_error('Error decoding manifest'))       # no status code
+    assert quiet.filter(task_error(status, from_c=False))            # raised in Python code
+    absl_logging.set_verbosity(absl_logging.INFO)      # --verbose: logged
+    assert quiet.filter(task_error(status))
+  finally:
+    absl_logging.set_verbosity(verbosity)

@@ -13,6 +13,7 @@ import errno
 import gc
 import logging
 import os
+import re
 import sys
 import threading
 
@@ -52,11 +53,25 @@ def _is_closed_loop_callback(e, tb) -> bool:
   return False
 
 
+def _is_abandoned_tensorstore_future(e, tb) -> bool:
+  """A TensorStore read that Orbax wrapped in an asyncio task and abandoned when a sibling read
+  failed the restore: the task's traceback holds asyncio's `_wrap_awaitable` alone (the future
+  raises from C), and the error is TensorStore's, its status code first ('DATA_LOSS: ...')."""
+  codes = []
+  while tb is not None:
+    codes.append(tb.tb_frame.f_code)
+    tb = tb.tb_next
+  return (bool(codes) and codes[-1].co_name == '_wrap_awaitable'
+          and all(c.co_filename.endswith(os.path.join('asyncio', 'tasks.py')) for c in codes)
+          and re.match(r'[A-Z][A-Z_]+: ', str(e)) is not None)
+
+
 def _orbax_leftover(e, tb) -> bool:
   """What Orbax leaves of an operation that failed (and raised in its caller): TensorStore's
   callbacks into its closed event loops, the exceptions of its abandoned tasks (asyncio:
   'Task exception was never retrieved'), its coroutines finalized at exit."""
-  return e is not None and (_is_closed_loop_callback(e, tb) or _through_orbax(tb))
+  return e is not None and (_is_closed_loop_callback(e, tb) or _through_orbax(tb)
+                            or _is_abandoned_tensorstore_future(e, tb))
 
 
 class _QuietOrbaxErrors(logging.Filter):
