@@ -275,7 +275,8 @@ def cpu_kinds(hlo):
   for name, (opcode, line) in lines.items():
     called = re.search(r'calls=%([\w.-]+)', line)
     held = {opcode} | ops.get(called[1] if called else None, set())
-    op_name = (re.search(r'op_name="([^"]*)"', line) or [''] * 2)[1]
+    named = re.search(r'op_name="([^"]*)"', line)
+    op_name = named[1] if named else ''
     if held & _COLLECTIVES:
       kind = 'collectives (BatchNorm statistics, gradients; their waits)'
     elif 'shard_map' in op_name:
