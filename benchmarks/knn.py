@@ -150,6 +150,7 @@ def main(argv=None):
   import jax
   from snca_jax import bank as bank_lib
   from snca_jax import distributed
+  from snca_jax import hardware
   from snca_jax import knn
   from snca_jax import mesh as mesh_lib
   knn.BLOCK = args.block or knn.BLOCK
@@ -215,7 +216,7 @@ def main(argv=None):
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d} ({data}), '
           f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
           f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group; bfloat16 '
-          f"products in hardware: {'yes' if knn._bfloat16_in_hardware() else 'no'}")
+          f"products in hardware: {'yes' if hardware.bfloat16_in_hardware() else 'no'}")
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
     print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")

@@ -15,12 +15,15 @@ CPU mode, in one run, on all of this machine's cores:
 The step's inputs are synthetic (uint8 images for ours, normalised on the device; float32 for
 torch, as its loader hands them over), and so are the labels.
 
-Demo mode (--demo): the step `make demo` trains (configs/fashion_mnist.py: small_resnet, batch
-128 of 28x28x1, bank of 60,000 rows), run as the demo runs it (one JAX device per core, each
-single-threaded, unless XLA_FLAGS already names a device count), with each lever beside it, all
-compiled first and then timed in turns (the machine's busy spells fall on all alike):
+Demo mode (--demo): the step `make demo` trains (configs/fashion_mnist.py:demo: small_resnet_s2,
+batch 128 of 28x28x1, bank of 60,000 rows, NCA products in bfloat16 where the CPU has them),
+run as the demo runs it (one JAX device per core, each single-threaded, unless XLA_FLAGS
+already names a device count), with each lever beside it, all compiled first and then timed in
+turns (the machine's busy spells fall on all alike):
   a bank of 6,000 rows (the NCA kernel's share of the step: its work scales with the bank),
-  the NCA products in bfloat16, batch 256 (learning rate 0.2), the network in bfloat16.
+  the default config's step (small_resnet, NCA products in float32: the demo's before),
+  the NCA products in the other precision, batch 256 (learning rate 0.2), the network in
+  bfloat16.
 Every step reads the previous step's metrics back, as train.py does. With --profile, where the
 demo step's time goes: a trace of it summed by kind of operation (`device_time`), each kind read
 from the compiled program (`cpu_kinds`: the NCA kernel's products and the rest of it, the
@@ -165,7 +168,7 @@ def demo(args):
   n_bank, size = (1_000, 28) if args.smoke else (60_000, 28)
 
   def build(overrides, rows=n_bank):
-    config = fashion_mnist.get_config()
+    config = fashion_mnist.get_config('demo')
     for item in overrides:
       schema.override(config, item)
     if args.smoke:
@@ -184,15 +187,19 @@ def demo(args):
     run(2)                                         # warm up
     return run, config.batch_size, compiled
 
+  other = 'float32' if fashion_mnist.get_config('demo').nca_matmul_dtype == 'bfloat16' else (
+      'bfloat16')
   variants = [('the demo step', [], n_bank),
               (f'a bank of {n_bank // 10:,} rows', [], n_bank // 10),
-              ('NCA products in bfloat16', ['nca_matmul_dtype=bfloat16'], n_bank),
+              ("the default config's step", ['model=small_resnet', 'nca_matmul_dtype=float32',
+                                             'num_epochs=5'], n_bank),
+              (f'NCA products in {other}', [f'nca_matmul_dtype={other}'], n_bank),
               ('batch 256, learning rate 0.2', ['batch_size=256', 'learning_rate=0.2'], n_bank),
               ('the network in bfloat16', ['dtype=bfloat16'], n_bank)]
   if args.smoke:         # every lever's settings checked, two steps compiled (the suite's time)
     for _, overrides, _ in variants:
       for item in overrides:
-        schema.override(fashion_mnist.get_config(), item)
+        schema.override(fashion_mnist.get_config('demo'), item)
     variants = variants[:2]
   runs = [build(overrides, rows) for _, overrides, rows in variants]
   # The same images in each variant's run: the demo batch's steps, fewer with a larger batch.
@@ -485,7 +492,7 @@ def main(argv=None):
       args.repeats = 1
       print('smoke run: tiny sizes, to check that the benchmark runs; its figures mean nothing')
     from snca_jax import distributed
-    print(f"make demo's step (configs/fashion_mnist.py), {len(jax.devices())} x "
+    print(f"make demo's step (configs/fashion_mnist.py:demo), {len(jax.devices())} x "
           f"{jax.devices()[0].device_kind} ({distributed.processor()}), "
           f"XLA_FLAGS={os.environ['XLA_FLAGS']!r}; median of {args.repeats} rounds in turns")
     results, profile = demo(args)

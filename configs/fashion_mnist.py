@@ -5,6 +5,10 @@
 Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default. The
 paper's experiments (RESULTS.md) take options after a colon, comma-separated:
 
+    configs/fashion_mnist.py:demo           `make demo`'s recipe: the network with a stem of stride 2
+                                            (small_resnet_s2), 6 epochs, the NCA products in
+                                            bfloat16 where the CPU multiplies it in hardware
+                                            (README, "The demo", for its rate and accuracy)
     configs/fashion_mnist.py:softmax        the paper's softmax baseline: the same network and
                                             schedule, its classifier on the pooled features (no
                                             embedding layer), evaluated on those features
@@ -18,6 +22,7 @@ paper's experiments (RESULTS.md) take options after a colon, comma-separated:
     configs/fashion_mnist.py:softmax,coarse and so on.
 """
 
+from snca_jax import hardware
 from snca_jax import schema
 
 # Fashion-MNIST's classes in four coarse groups: tops (T-shirt/top, Pullover, Coat, Shirt),
@@ -30,15 +35,19 @@ TRAIN_CLASSES_ROTATED = (5, 6, 7, 8, 9)  # 'novel_rotated': Sandal, Shirt, Sneak
 
 def get_config(options: str = ''):
   options = [o for o in options.split(',') if o]
-  unknown = set(options) - {'nca', 'softmax', 'softmax_embedding', 'coarse', 'novel',
+  unknown = set(options) - {'nca', 'demo', 'softmax', 'softmax_embedding', 'coarse', 'novel',
                             'novel_rotated'}
   if unknown:
-    raise ValueError(f'config options {sorted(unknown)}: use nca, softmax, softmax_embedding, '
-                     f'coarse, novel, novel_rotated')
+    raise ValueError(f'config options {sorted(unknown)}: use nca, demo, softmax, '
+                     f'softmax_embedding, coarse, novel, novel_rotated')
   c = schema.default_config()    # every field and its default: this recipe, but for
-  # one reading thread: the demo's batches (28x28 arrays in memory, batched numpy) cost little
+  # one reading thread: Fashion-MNIST's batches (28x28 arrays in memory, batched numpy) cost little
   # to make, and the cores are the network's.
   c.data.num_threads, c.data.worker_count = 1, 0
+  if 'demo' in options:
+    c.model, c.num_epochs = 'small_resnet_s2', 6
+    if hardware.bfloat16_in_hardware():
+      c.nca_matmul_dtype = 'bfloat16'
   if 'softmax' in options or 'softmax_embedding' in options:
     c.loss = 'softmax'
   if 'softmax' in options:

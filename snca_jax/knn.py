@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from snca_jax import bank as bank_lib
 from snca_jax import distributed
+from snca_jax import hardware
 from snca_jax import mesh as mesh_lib
 
 
@@ -297,22 +298,6 @@ def _screened_top_k(q, bank, labels, *, k):
   return vals, idx
 
 
-@functools.cache
-def _bfloat16_in_hardware() -> bool:
-  """Whether this host's CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX-BF16), as
-  /proc/cpuinfo says: there a bfloat16 matrix product takes about half a float32 one's time
-  in XLA (BENCHMARKS.md, kNN search); elsewhere it may take longer."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        if line.startswith('flags'):
-          flags = line.split()
-          return 'avx512_bf16' in flags or 'amx_bf16' in flags
-  except OSError:
-    pass
-  return False
-
-
 def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
   """This device's k best rows for every query, in two passes over blocks of rows (exact in
   float32; `_plain_top_k`), the first in bfloat16 with a proof and a float32 fallback where
@@ -323,7 +308,7 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
     raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
   full = bank.shape[0] // BLOCK * BLOCK
   if screen == 'auto':
-    screen = ('bfloat16' if _bfloat16_in_hardware()
+    screen = ('bfloat16' if hardware.bfloat16_in_hardware()
               and SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= bank.shape[0] else 'none')
   if (jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
       and full // BLOCK > SCREEN_BLOCKS(k)):

@@ -130,7 +130,8 @@ class ResNet(nn.Module):
     low_dim: embedding size; 0: no embedding layer, the embedding is the pooled feature (the
       paper's softmax baseline: its classifier on the pooled features).
     widths: channels of each stage (before the bottleneck expansion).
-    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3/1 conv, no pool).
+    stem: 'imagenet' (7x7/2 conv + 3x3/2 max-pool) or 'cifar' (3x3 conv, no pool).
+    stem_strides: the 'cifar' stem convolution's stride (1; 2 halves every stage's maps).
     stem_width: channels of the stem convolution.
     dtype: compute dtype; parameters stay float32.
     init_scheme: 'torchvision' or 'pytorch' (see INITS).
@@ -151,6 +152,7 @@ class ResNet(nn.Module):
   bn_groups: int = 1
   num_classes: int = 0
   bn_float32_statistics: bool = True
+  stem_strides: int = 1
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -171,7 +173,7 @@ class ResNet(nn.Module):
       x = nn.relu(norm(name='bn1')(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     elif self.stem == 'cifar':
-      x = conv(self.stem_width, (3, 3), 1, padding=_pad(3), name='conv1')(x)
+      x = conv(self.stem_width, (3, 3), self.stem_strides, padding=_pad(3), name='conv1')(x)
       x = nn.relu(norm(name='bn1')(x))
     else:
       raise ValueError(f"unknown stem {self.stem!r}: use 'imagenet' or 'cifar'")
@@ -227,6 +229,12 @@ for _depth, (_sizes, _block) in _STAGES.items():
 MODELS['small_resnet'] = functools.partial(
     ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64), stem='cifar',
     stem_width=16)
+# The demo's (configs/fashion_mnist.py:demo): small_resnet with a stem of stride 2, its stages
+# at 14x14, 7x7 and 4x4 on Fashion-MNIST: a quarter of the convolutions' work (README, "The
+# demo", for its rate and accuracy).
+MODELS['small_resnet_s2'] = functools.partial(
+    ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64), stem='cifar',
+    stem_width=16, stem_strides=2)
 MODELS['tiny_resnet'] = functools.partial(
     ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, widths=(8, 16), stem='cifar',
     stem_width=8)

@@ -1,6 +1,7 @@
 """Every config loads, names a known model, and carries the original's recipe (docs/METHOD.md)."""
 
 import importlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -63,3 +64,22 @@ def test_recipes_take_either_source(name):
   assert tfds_config.to_dict() == folder_config.to_dict()
   with pytest.raises(ValueError, match='folder'):
     module.get_config('imagefolder')
+
+
+def test_the_demo_recipe(monkeypatch):
+  """configs/fashion_mnist.py:demo, what `make demo` trains: the default recipe with the stem of
+  stride 2 and six epochs, the NCA products in bfloat16 only where the CPU multiplies bfloat16
+  in hardware (elsewhere they would be slower than float32)."""
+  from configs import fashion_mnist
+  from snca_jax import hardware
+  default = fashion_mnist.get_config()
+  for in_hardware, dtype in ((True, 'bfloat16'), (False, 'float32')):
+    monkeypatch.setattr(hardware, 'bfloat16_in_hardware', lambda: in_hardware)
+    c = fashion_mnist.get_config('demo')
+    validate.check_config(c)
+    assert (c.model, c.num_epochs, c.nca_matmul_dtype) == ('small_resnet_s2', 6, dtype)
+    c.model, c.num_epochs, c.nca_matmul_dtype = (default.model, default.num_epochs,
+                                                 default.nca_matmul_dtype)
+    assert c.to_dict() == default.to_dict()
+  makefile = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'Makefile')).read()
+  assert 'train.py --config configs/fashion_mnist.py:demo ' in makefile
