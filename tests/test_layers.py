@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Bottom up. A package's modules may import each other; a module may import any module of an
 # earlier layer, none of its own layer (but its package's) or of a later one.
 LAYERS = (
-    ('errors', 'schema', 'mesh', 'distributed', 'metrics', 'lookahead'),
+    ('errors', 'schema', 'mesh', 'distributed', 'metrics', 'lookahead', 'hardware'),
     ('cli', 'models', 'optim', 'stop'),
     ('data',),
     ('validate', 'bank', 'nca_pallas'),
