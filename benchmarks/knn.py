@@ -7,11 +7,14 @@
   ours   snca_jax.knn.knn_classify: per device, block maxima from cache-sized tiles of scores,
          then the best blocks' rows scored again (method='blocked'; one device here); exact
          in float32, its first pass in bfloat16 with a proof where the CPU has bfloat16
-         products in hardware (screen='auto')
+         products in hardware (screen='auto'). On a small bank (at most 65,536 rows a device)
+         the tiled search instead: all the scores of 64 queries at a time, selected from
+         while in cache (method='tiled')
   ours_f32   the same with its first pass in float32 (screen='none')
   screened   the same with its first pass in bfloat16 and the proof wherever it can run
              (screen='bfloat16', whatever 'auto' would choose)
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
+  blocked    the two-pass search (method='blocked') where 'auto' takes the tiled one
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
@@ -207,6 +210,7 @@ def main(argv=None):
                          ('ours_f32', np.float32, 'auto', 'none'),
                          ('screened', np.float32, 'auto', 'bfloat16'),
                          ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
+                         ('blocked', np.float32, 'blocked', 'auto'),
                          ('chunked', np.float32, 'chunked', 'auto'))
              if m[0] in args.methods.split(',')]
   for k in [int(v) for v in args.k.split(',')]:

@@ -4,9 +4,11 @@ For each query q, the K bank rows of highest cosine similarity (dot product) vot
 label with weight exp(sim / sigma); the class scores are the summed votes.
 
 The search runs inside `jax.shard_map`: each device finds the top K among its own rows of the
-bank (on CPUs in two passes over blocks of rows, `_blocked_top_k`; elsewhere chunk by chunk
-with a running top K, `_local_top_k`); only the (Q, K) candidates of each device are gathered
-and merged. No device ever holds the (Q, N) score matrix, or even its own (Q, N / d) share.
+bank (on CPUs, for a device's few rows all its scores for a tile of queries at a time,
+`_tiled_top_k`, for many rows in two passes over blocks of rows, `_blocked_top_k`; elsewhere
+chunk by chunk with a running top K, `_local_top_k`); only the (Q, K) candidates of each device
+are gathered and merged. No device ever holds the (Q, N) score matrix, or even its own (Q, N / d)
+share.
 Rows with a negative label are padding and never selected.
 """
 
@@ -298,34 +300,87 @@ def _screened_top_k(q, bank, labels, *, k):
   return vals, idx
 
 
-def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
-  """This device's k best rows for every query, in two passes over blocks of rows (exact in
-  float32; `_plain_top_k`), the first in bfloat16 with a proof and a float32 fallback where
-  `matmul_dtype` is float32 and `screen` says so (`_screened_top_k`): 'auto' (where the CPU
-  multiplies bfloat16 in hardware and the rows scored again are few beside the device's:
+# Small banks: TILE_QUERIES queries at a time score all of a device's rows, where that is at most
+# TILE_BYTES of scores (65,536 rows), and select from those scores while in cache
+# (`_tiled_top_k`): no row is scored twice. On the demo's 60,000 rows of embeddings (one device,
+# 2-core AMD EPYC, a scratch script), 64 queries a tile beat 16, 32, 128 and 256.
+TILE_QUERIES = 64
+
+
+def _is_small(rows):
+  return TILE_BYTES // (4 * max(rows, 1)) >= TILE_QUERIES
+
+
+def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
+  """This device's k best rows for every query, for a small bank (`_is_small`): TILE_QUERIES
+  queries at a time, all the device's scores at once, their k best taken by `_block_top_k`
+  (exact for these scores: the two-pass search's rescoring, which on a small bank gathers a
+  large share of it again for every query, is not needed). With bfloat16 products the k found
+  are scored again in float32, so the similarities returned are float32's."""
+  n, dim = bank.shape
+  rows = bank.astype(matmul_dtype)
+  valid = labels >= 0
+
+  def one(qt):
+    sims = jnp.einsum('qd,cd->qc', qt.astype(matmul_dtype), rows,
+                      preferred_element_type=jnp.float32)
+    sims = jnp.where(valid[None, :], sims, -jnp.inf)
+    sims = jnp.pad(sims, ((0, 0), (0, -n % BLOCK)), constant_values=-jnp.inf)
+    vals, idx = _block_top_k(sims, k, BLOCK)
+    idx = jnp.minimum(idx, n - 1)     # a column past the rows only where fewer than k score
+    if jnp.dtype(matmul_dtype) != jnp.float32:
+      vals = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
+      vals, pick = jax.lax.top_k(jnp.where(valid[idx], vals, -jnp.inf), k)
+      idx = jnp.take_along_axis(idx, pick, axis=1)
+    return vals, idx.astype(jnp.int32)
+
+  nq = q.shape[0]
+  tile = min(nq, TILE_QUERIES)
+  padded = -(-nq // tile) * tile
+  vals, idx = jax.lax.map(one, jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim))
+  return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+
+
+def _screens(rows, k, matmul_dtype, screen) -> bool:
+  """Whether the blocked search over `rows` rows screens them in bfloat16 (`_screened_top_k`):
+  where `matmul_dtype` is float32 and `screen` says so: 'auto' (where the CPU multiplies
+  bfloat16 in hardware and the rows scored again are few beside the device's:
   SCREEN_MIN_SHARE), 'bfloat16' or 'none'."""
   if screen not in ('auto', 'bfloat16', 'none'):
     raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
-  full = bank.shape[0] // BLOCK * BLOCK
   if screen == 'auto':
     screen = ('bfloat16' if hardware.bfloat16_in_hardware()
-              and SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= bank.shape[0] else 'none')
-  if (jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
-      and full // BLOCK > SCREEN_BLOCKS(k)):
+              and SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= rows else 'none')
+  return (jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
+          and rows // BLOCK > SCREEN_BLOCKS(k))
+
+
+def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
+  """This device's k best rows for every query, in two passes over blocks of rows (exact in
+  float32; `_plain_top_k`), the first in bfloat16 with a proof and a float32 fallback where
+  `_screens` says so (`_screened_top_k`)."""
+  if _screens(bank.shape[0], k, matmul_dtype, screen):
     return _screened_top_k(q, bank, labels, k=k)
   return _plain_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
 
 
 def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
-  """This device's k best rows: the blocked search ('blocked'), or the chunked one
-  ('chunked'); 'auto' takes the blocked one on CPUs where the device holds at least k blocks
-  of rows (accelerators keep the chunked one, whose few large products suit them, until the
-  blocked one is timed there). `screen`: `_blocked_top_k`'s."""
+  """This device's k best rows: the tiled search for small banks ('tiled'), the blocked one
+  ('blocked'), or the chunked one ('chunked'). 'auto' on CPUs: the tiled search where the
+  device's rows are few (`_is_small`) and the blocked search would not screen them in bfloat16
+  (`_screens`: where it does, its bfloat16 products make it the faster, as for K = 1 on 65,536
+  rows: BENCHMARKS.md), else the blocked one where the device holds at least k blocks of rows
+  (accelerators keep the chunked one, whose few large products suit them, until the others are
+  timed there). `screen`: `_screens`'s."""
   k = min(k, bank.shape[0])
-  if method not in ('auto', 'blocked', 'chunked'):
-    raise ValueError(f"kNN method {method!r}: use 'auto', 'blocked' or 'chunked'")
-  if method == 'blocked' or (method == 'auto' and bank.shape[0] // BLOCK >= k
-                             and jax.default_backend() == 'cpu'):
+  if method not in ('auto', 'tiled', 'blocked', 'chunked'):
+    raise ValueError(f"kNN method {method!r}: use 'auto', 'tiled', 'blocked' or 'chunked'")
+  rows = bank.shape[0]
+  cpu = method == 'auto' and jax.default_backend() == 'cpu'
+  if method == 'tiled' or (cpu and _is_small(rows)
+                           and not _screens(rows, k, matmul_dtype, screen)):
+    return _tiled_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
+  if method == 'blocked' or (cpu and rows // BLOCK >= k):
     return _blocked_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype, screen=screen)
   return _local_top_k(q, bank, labels, k=k, chunk=chunk, matmul_dtype=matmul_dtype)
 
@@ -335,10 +390,11 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
   (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh.
   `matmul_dtype=jnp.bfloat16` scores in bfloat16 (float32 accumulation): faster, and the
-  neighbours can differ where similarities nearly tie (the blocked search returns their float32
-  similarities). `method`: 'blocked' (two passes over
-  blocks of rows, `_blocked_top_k`), 'chunked' (a running top k over chunks, `_local_top_k`),
-  or 'auto' (blocked on CPUs where a device holds at least k blocks of rows). `screen`: whether
+  neighbours can differ where similarities nearly tie (the tiled and blocked searches return
+  their float32 similarities). `method`: 'tiled' (all a device's scores for a tile of queries,
+  `_tiled_top_k`), 'blocked' (two passes over blocks of rows, `_blocked_top_k`), 'chunked' (a
+  running top k over chunks, `_local_top_k`), or 'auto' (on CPUs tiled where a device's rows
+  are few, else blocked where it holds at least k blocks of rows: `_search`). `screen`: whether
   the blocked search in float32 screens the bank in bfloat16 first, exactly still ('auto': where
   the CPU multiplies bfloat16 in hardware; 'bfloat16'; 'none'; `_blocked_top_k`)."""
 

@@ -249,3 +249,59 @@ def test_bfloat16_search_returns_float32_similarities():
   kth = np.sort(scores, axis=1)[:, -30:-29]
   sure = scores > kth + 2 ** -6
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
+
+
+@pytest.mark.parametrize('k,num_devices,dtype', [
+    (1, 1, 'float32'), (30, 2, 'float32'), (200, 8, 'float32'), (1000, 2, 'float32'),
+    (30, 2, 'bfloat16')])
+def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype):
+  """The tiled search for small banks (all of a device's scores for a few queries at a time,
+  selected from by `_block_top_k`) against brute force, K from 1 to 1,000 (beyond a device's
+  blocks: a plain top-k): a bank that no block divides (its scores padded to whole blocks, never
+  returned), padding rows equal to a query (never returned), tiles of queries that do not divide
+  them. With bfloat16 products the similarities returned are the float32 ones of the rows
+  returned, and rows beyond bfloat16's rounding of the K-th best score are brute force's."""
+  monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
+  q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank) + 40 * num_devices
+  assert ((len(bank) + pad) // num_devices) % knn.BLOCK
+  bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
+  labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
+  sims, idx, lab = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='tiled',
+      matmul_dtype=jax.numpy.dtype(dtype))
+  sims, idx = np.asarray(sims), np.asarray(idx)
+  scores = q @ bank.T
+  want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+  np.testing.assert_allclose(sims, np.take_along_axis(scores, idx, 1), rtol=1e-5, atol=1e-6)
+  assert np.array_equal(np.asarray(lab), labels[idx])
+  if dtype == 'float32':
+    assert np.array_equal(idx, want)
+  else:
+    kth = np.take_along_axis(scores, want[:, -1:], 1)
+    sure = scores > kth + 2 ** -6
+    assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
+
+
+def test_auto_takes_the_tiled_search_for_few_rows_unless_the_screen_would_run(monkeypatch):
+  """On a CPU, 'auto' searches a device's rows with the tiled search where they are at most
+  65,536 and the blocked search would not screen them in bfloat16 (which makes it the faster:
+  K = 1 on 65,536 rows), else with the blocked search."""
+  from snca_jax import hardware
+  monkeypatch.setattr(hardware, 'bfloat16_in_hardware', lambda: True)
+  calls = []
+  for name in ('_tiled_top_k', '_blocked_top_k'):
+    monkeypatch.setattr(knn, name, lambda *a, _f=getattr(knn, name), _n=name, **kw:
+                        calls.append(_n) or _f(*a, **kw))
+  for rows, k, dtype, want in ((60_000, 30, 'float32', '_tiled_top_k'),
+                               (60_000, 200, 'bfloat16', '_tiled_top_k'),
+                               (65_536, 1, 'float32', '_blocked_top_k'),
+                               (65_537, 30, 'float32', '_blocked_top_k')):
+    calls.clear()
+    jax.eval_shape(lambda q, b, l: knn._search(
+        q, b, l, k=k, chunk=16384, matmul_dtype=jax.numpy.dtype(dtype), method='auto',
+        screen='auto'), jax.ShapeDtypeStruct((8, 16), np.float32),
+        jax.ShapeDtypeStruct((rows, 16), np.float32), jax.ShapeDtypeStruct((rows,), np.int32))
+    assert calls == [want], (rows, k, dtype, calls)
