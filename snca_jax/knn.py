@@ -329,8 +329,9 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
     vals, idx = _block_top_k(sims, k, BLOCK)
     idx = jnp.minimum(idx, n - 1)     # a column past the rows only where fewer than k score
     if jnp.dtype(matmul_dtype) != jnp.float32:
-      vals = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
-      vals, pick = jax.lax.top_k(jnp.where(valid[idx], vals, -jnp.inf), k)
+      rescored = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
+      scored = jnp.where(valid[idx] & (vals > -jnp.inf), rescored, -jnp.inf)
+      vals, pick = jax.lax.top_k(scored, k)
       idx = jnp.take_along_axis(idx, pick, axis=1)
     return vals, idx.astype(jnp.int32)
 

@@ -305,3 +305,23 @@ def test_auto_takes_the_tiled_search_for_few_rows_unless_the_screen_would_run(mo
         screen='auto'), jax.ShapeDtypeStruct((8, 16), np.float32),
         jax.ShapeDtypeStruct((rows, 16), np.float32), jax.ShapeDtypeStruct((rows,), np.int32))
     assert calls == [want], (rows, k, dtype, calls)
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_tiled_search_with_fewer_rows_than_k(dtype):
+  """Where a device holds fewer labelled rows than K (and a row count no block divides), the
+  tiled search returns each labelled row once, with its float32 similarity, and the rest -inf."""
+  q, bank, labels, _ = problem(8, Q=5, N=21, D=16)
+  mesh = mesh_lib.make_mesh(jax.devices()[:2])
+  bank_p = np.concatenate([bank, np.tile(q[:1], (23, 1))])              # 22 rows a device
+  labels_p = np.concatenate([labels, -np.ones(23, np.int32)])
+  sims, idx, _ = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=30, mesh=mesh, method='tiled',
+      matmul_dtype=jax.numpy.dtype(dtype))
+  sims, idx = np.asarray(sims), np.asarray(idx)
+  for s, i in zip(sims, idx):
+    assert sorted(i[np.isfinite(s)]) == list(range(21)) and np.sum(np.isfinite(s)) == 21
+  finite = np.isfinite(sims)
+  np.testing.assert_allclose(sims[finite], (q @ bank.T)[np.nonzero(finite)[0], idx[finite]],
+                             rtol=1e-5, atol=1e-6)
