@@ -307,8 +307,8 @@ def device_time(run, steps, step_time, top=12, kinds=None):
   (`kinds`, a name's kind, where given: `cpu_kinds`; else from the name); on a CPU, XLA's
   operations on its threads, a device's share (all its threads' time over the devices; the
   rest of a step is in no operation's span: waits, the runtime's own work, and any work the
-  trace does not place in one). Returns the report's lines: per step, the device's busy time against `step_time` (the
-  untraced step), then the kinds and the `top` operations."""
+  trace does not place in one). Returns the report's lines: per step, the device's busy time
+  against `step_time` (the untraced step), then the kinds and the `top` operations."""
   import glob
   import tempfile
   import jax

@@ -5,10 +5,10 @@
 Reads Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) by default. The
 paper's experiments (RESULTS.md) take options after a colon, comma-separated:
 
-    configs/fashion_mnist.py:demo           `make demo`'s recipe: the network with a stem of stride 2
-                                            (small_resnet_s2), 6 epochs, the NCA products in
-                                            bfloat16 where the CPU multiplies it in hardware
-                                            (README, "The demo", for its rate and accuracy)
+    configs/fashion_mnist.py:demo           `make demo`'s recipe: the network with a stem of
+                                            stride 2 (small_resnet_s2), 6 epochs, the NCA
+                                            products in bfloat16 where the CPU multiplies it in
+                                            hardware (README, "The demo": rate and accuracy)
     configs/fashion_mnist.py:softmax        the paper's softmax baseline: the same network and
                                             schedule, its classifier on the pooled features (no
                                             embedding layer), evaluated on those features
@@ -41,8 +41,8 @@ def get_config(options: str = ''):
     raise ValueError(f'config options {sorted(unknown)}: use nca, demo, softmax, '
                      f'softmax_embedding, coarse, novel, novel_rotated')
   c = schema.default_config()    # every field and its default: this recipe, but for
-  # one reading thread: Fashion-MNIST's batches (28x28 arrays in memory, batched numpy) cost little
-  # to make, and the cores are the network's.
+  # one reading thread: Fashion-MNIST's batches (28x28 arrays in memory, batched numpy) cost
+  # little to make, and the cores are the network's.
   c.data.num_threads, c.data.worker_count = 1, 0
   if 'demo' in options:
     c.model, c.num_epochs = 'small_resnet_s2', 6

@@ -232,9 +232,7 @@ MODELS['small_resnet'] = functools.partial(
 # The demo's (configs/fashion_mnist.py:demo): small_resnet with a stem of stride 2, its stages
 # at 14x14, 7x7 and 4x4 on Fashion-MNIST: a quarter of the convolutions' work (README, "The
 # demo", for its rate and accuracy).
-MODELS['small_resnet_s2'] = functools.partial(
-    ResNet, stage_sizes=(1, 1, 1), block_cls=BasicBlock, widths=(16, 32, 64), stem='cifar',
-    stem_width=16, stem_strides=2)
+MODELS['small_resnet_s2'] = functools.partial(MODELS['small_resnet'], stem_strides=2)
 MODELS['tiny_resnet'] = functools.partial(
     ResNet, stage_sizes=(1, 1), block_cls=BasicBlock, widths=(8, 16), stem='cifar',
     stem_width=8)

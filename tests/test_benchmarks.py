@@ -97,13 +97,15 @@ def test_nca_step_against_torch_and_dense():
 
 def test_knn_finds_faiss_neighbours():
   """Exact search: in float32 ours finds the same K neighbours as faiss's exact index (ties
-  aside), and classifies every query alike; the blocked search's constants from the command
-  line, and only the methods asked for (one process: the suite's time)."""
-  out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--methods=ours,ours_bf16',
-            '--block=16', '--group_blocks=64')
-  assert out.count('blocks of 16, 64 maxima a group') == 2            # K = 30 and K = 200
-  rows = re.findall(r'^ours\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out, re.M)
-  assert len(rows) == 2, out
+  aside), and classifies every query alike, the tiled search and the blocked one; their
+  constants from the command line, and only the methods asked for (one process: the suite's time)."""
+  out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--methods=ours,ours_bf16,blocked',
+            '--block=16', '--group_blocks=64', '--tile_queries=8')
+  assert out.count('blocks of 16, 64 maxima a group, 8 queries a tile') == 2   # K = 30, 200
+  # ours: the tiled search on the smoke run's small bank; blocked: the two-pass one
+  rows = re.findall(r'^(?:ours|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out,
+                    re.M)
+  assert len(rows) == 4, out
   assert all(float(overlap) >= 99.5 and float(same) == 100.0 for overlap, same in rows)
   assert len(re.findall(r'^ours_bf16\s', out, re.M)) == 2
   assert not re.search(r'^chunked\s', out, re.M)

@@ -312,19 +312,24 @@ def test_auto_takes_the_tiled_search_for_few_rows_unless_the_screen_would_run(mo
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_tiled_search_with_fewer_rows_than_k(dtype):
-  """Where a device holds fewer labelled rows than K (and a row count no block divides), the
-  tiled search returns each labelled row once, with its float32 similarity, and the rest -inf."""
-  q, bank, labels, _ = problem(8, Q=5, N=21, D=16)
-  mesh = mesh_lib.make_mesh(jax.devices()[:2])
-  bank_p = np.concatenate([bank, np.tile(q[:1], (23, 1))])              # 22 rows a device
-  labels_p = np.concatenate([labels, -np.ones(23, np.int32)])
-  sims, idx, _ = knn.top_k_neighbors(
-      jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
-      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=30, mesh=mesh, method='tiled',
+  """Where a device holds fewer labelled rows than K, the tiled search returns each labelled row
+  once, with its float32 similarity, and the rest -inf. The case that reaches the columns past
+  the rows (the scores are padded to whole blocks): 97 rows, the best in the last block, which
+  holds that row alone; a column past it, picked as a -inf entry, was the last row again, and
+  scored again in float32 it counted that row twice."""
+  q, bank, labels, _ = problem(8, Q=5, N=97, D=16)
+  labels = -np.ones(97, np.int32)
+  labels[[0, 96]] = [3, 5]
+  bank[96] = q[0]                                  # the best row of every query near q[0]
+  q = np.concatenate([q[:1], q[:1] + 0.01 * q[1:]]).astype(np.float32)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  sims, idx, lab = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, method='tiled',
       matmul_dtype=jax.numpy.dtype(dtype))
   sims, idx = np.asarray(sims), np.asarray(idx)
-  for s, i in zip(sims, idx):
-    assert sorted(i[np.isfinite(s)]) == list(range(21)) and np.sum(np.isfinite(s)) == 21
-  finite = np.isfinite(sims)
-  np.testing.assert_allclose(sims[finite], (q @ bank.T)[np.nonzero(finite)[0], idx[finite]],
+  assert np.array_equal(idx[:, 0], np.full(5, 96)) and idx.max() < 97     # rows of the bank
+  assert np.array_equal(np.isfinite(sims), np.tile([True, True, False], (5, 1))), sims
+  assert all(sorted(i[:2]) == [0, 96] for i in idx)
+  np.testing.assert_allclose(sims[:, :2], np.take_along_axis(q @ bank.T, idx[:, :2], 1),
                              rtol=1e-5, atol=1e-6)
