@@ -314,22 +314,35 @@ def _is_small(rows):
 
 def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   """This device's k best rows for every query, for a small bank (`_is_small`): TILE_QUERIES
-  queries at a time, all the device's scores at once, their k best taken by `_block_top_k`
-  (exact for these scores: the two-pass search's rescoring, which on a small bank gathers a
-  large share of it again for every query, is not needed). With bfloat16 products the k found
-  are scored again in float32, so the similarities returned are float32's."""
+  queries at a time, all the device's scores at once, their k best taken while in cache (exact
+  for these scores: the two-pass search's rescoring, which on a small bank gathers a large share
+  of it again for every query, is not needed): the maxima of blocks of BLOCK rows (padding rows
+  left out as they are read), the k best blocks, then the k best of their entries, those below
+  the k-th best block's maximum set aside first (they cannot be among the k best, and XLA's CPU
+  top-k is cheaper the fewer entries can enter it). With bfloat16 products the k found are
+  scored again in float32, so the similarities returned are float32's."""
   n, dim = bank.shape
-  rows = bank.astype(matmul_dtype)
-  valid = labels >= 0
+  pad = -n % BLOCK                  # the bank padded once, not each tile's scores
+  rows = jnp.pad(bank.astype(matmul_dtype), ((0, pad), (0, 0)))
+  valid = jnp.pad(labels, (0, pad), constant_values=-1) >= 0
+  n_blocks = (n + pad) // BLOCK
+  valid_blocks = valid.reshape(n_blocks, BLOCK)
 
   def one(qt):
     sims = jnp.einsum('qd,cd->qc', qt.astype(matmul_dtype), rows,
-                      preferred_element_type=jnp.float32)
-    sims = jnp.where(valid[None, :], sims, -jnp.inf)
-    sims = jnp.pad(sims, ((0, 0), (0, -n % BLOCK)), constant_values=-jnp.inf)
-    vals, idx = _block_top_k(sims, k, BLOCK)
-    idx = jnp.minimum(idx, n - 1)     # a column past the rows only where fewer than k score
-    if jnp.dtype(matmul_dtype) != jnp.float32:
+                      preferred_element_type=jnp.float32).reshape(-1, n_blocks, BLOCK)
+    maxima = jnp.max(jnp.where(valid_blocks, sims, -jnp.inf), axis=2)
+    if n_blocks < k:
+      best = jnp.broadcast_to(jnp.arange(n_blocks), maxima.shape)
+      floor = jnp.full((maxima.shape[0], 1), -jnp.inf)
+    else:
+      top, best = jax.lax.top_k(maxima, k)
+      floor = jnp.min(top, axis=1, keepdims=True)     # not a slice of top-k's output: slower
+    cand = jnp.take_along_axis(sims, best[:, :, None], axis=1).reshape(qt.shape[0], -1)
+    cols = (best[:, :, None] * BLOCK + jnp.arange(BLOCK)).reshape(qt.shape[0], -1)
+    vals, pick = jax.lax.top_k(jnp.where(valid[cols] & (cand >= floor), cand, -jnp.inf), k)
+    idx = jnp.minimum(jnp.take_along_axis(cols, pick, axis=1), n - 1)   # past the rows: where
+    if jnp.dtype(matmul_dtype) != jnp.float32:                          # fewer than k score
       rescored = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
       scored = jnp.where(valid[idx] & (vals > -jnp.inf), rescored, -jnp.inf)
       vals, pick = jax.lax.top_k(scored, k)
@@ -404,6 +417,8 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
     vals, idx = _search(q, b, l, k=k, chunk=chunk_size, matmul_dtype=matmul_dtype,
                         method=method, screen=screen)
     cands = (vals, idx + jax.lax.axis_index(mesh_lib.DATA) * b.shape[0], l[idx])
+    if mesh.shape[mesh_lib.DATA] == 1:     # the search's own order, best first: no merge (a
+      return cands                         # top-k of k entries sorts them all again)
     vals, idx, labels = (jax.lax.all_gather(x, mesh_lib.DATA, axis=1, tiled=True)
                          for x in cands)                          # (Q, k x devices)
     vals, pick = jax.lax.top_k(vals, min(k, vals.shape[1]))      # merge

@@ -71,6 +71,24 @@ def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(q @ bank.T, want, 1), rtol=1e-5)
 
 
+@pytest.mark.parametrize('method,screen', [('tiled', 'none'), ('blocked', 'none'),
+                                           ('blocked', 'bfloat16'), ('chunked', 'none')])
+def test_one_device_returns_the_neighbours_best_first(method, screen):
+  """On one device no merge sorts the candidates again: every search returns its k best rows
+  best first, as the vote (weights relative to the first) and `nearest` take them."""
+  q, bank, labels, _ = problem(9, N=2000)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  sims, idx, _ = knn.top_k_neighbors(
+      jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
+      jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=40, mesh=mesh, chunk_size=512,
+      method=method, screen=screen)
+  scores = q @ bank.T
+  want = np.argsort(-scores, axis=1, kind='stable')[:, :40]
+  np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(scores, want, 1), rtol=0,
+                             atol=1e-6)
+  assert np.all(np.diff(np.asarray(sims), axis=1) <= 0)
+
+
 def test_block_top_k_is_exact():
   rng = np.random.default_rng(3)
   sims = rng.normal(size=(50, 512)).astype(np.float32)
@@ -256,11 +274,12 @@ def test_bfloat16_search_returns_float32_similarities():
     (30, 2, 'bfloat16')])
 def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype):
   """The tiled search for small banks (all of a device's scores for a few queries at a time,
-  selected from by `_block_top_k`) against brute force, K from 1 to 1,000 (beyond a device's
-  blocks: a plain top-k): a bank that no block divides (its scores padded to whole blocks, never
-  returned), padding rows equal to a query (never returned), tiles of queries that do not divide
-  them. With bfloat16 products the similarities returned are the float32 ones of the rows
-  returned, and rows beyond bfloat16's rounding of the K-th best score are brute force's."""
+  their k best blocks, then those blocks' k best entries) against brute force, K from 1 to 1,000
+  (beyond a device's blocks: a plain top-k): a bank that no block divides (padded to whole
+  blocks, never returned), padding rows equal to a query (never returned), tiles of queries that
+  do not divide them. With bfloat16 products the similarities returned are the float32 ones of
+  the rows returned, and rows beyond bfloat16's rounding of the K-th best score are brute
+  force's."""
   monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
   q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
