@@ -141,6 +141,9 @@ def main(argv=None):
                  help='block maxima selected at a time (default: knn.GROUP_BLOCKS)')
   p.add_argument('--tile_queries', type=int, default=0,
                  help='queries a tile of the tiled search (default: knn.TILE_QUERIES)')
+  p.add_argument('--count_from_k', type=int, default=0,
+                 help='the tiled search finds its best blocks by counting from this K up, by '
+                 'top-k below it (default: knn.COUNT_FROM_K)')
   p.add_argument('--parts', action='store_true',
                  help='also where the time of the search goes, for the first batch of queries '
                  '(parts_of_search)')
@@ -160,6 +163,7 @@ def main(argv=None):
   from snca_jax import mesh as mesh_lib
   knn.BLOCK = args.block or knn.BLOCK
   knn.TILE_QUERIES = args.tile_queries or knn.TILE_QUERIES
+  knn.COUNT_FROM_K = args.count_from_k or knn.COUNT_FROM_K
   knn.GROUP_BLOCKS = args.group_blocks or knn.GROUP_BLOCKS
 
   rng = np.random.default_rng(0)
@@ -223,7 +227,8 @@ def main(argv=None):
     print(f'weighted kNN, K={k}, Q={args.q:,} queries, N={args.n:,} x D={args.d} ({data}), '
           f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
           f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group, '
-          f'{knn.TILE_QUERIES} queries a tile (small banks); bfloat16 '
+          f'{knn.TILE_QUERIES} queries a tile (small banks), counted from K = '
+          f'{knn.COUNT_FROM_K}; bfloat16 '
           f"products in hardware: {'yes' if hardware.bfloat16_in_hardware() else 'no'}")
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")

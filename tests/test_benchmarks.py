@@ -100,8 +100,9 @@ def test_knn_finds_faiss_neighbours():
   aside), and classifies every query alike, the tiled search and the blocked one; their
   constants from the command line, and only the methods asked for (one process: the suite's time)."""
   out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--methods=ours,ours_bf16,blocked',
-            '--block=16', '--group_blocks=64', '--tile_queries=8')
-  assert out.count('blocks of 16, 64 maxima a group, 8 queries a tile') == 2   # K = 30, 200
+            '--block=16', '--group_blocks=64', '--tile_queries=8', '--count_from_k=1')
+  assert out.count('blocks of 16, 64 maxima a group, 8 queries a tile (small banks), counted '
+                   'from K = 1;') == 2                                            # K = 30, 200
   # ours: the tiled search on the smoke run's small bank; blocked: the two-pass one
   rows = re.findall(r'^(?:ours|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out,
                     re.M)

@@ -269,18 +269,20 @@ def test_bfloat16_search_returns_float32_similarities():
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
 
 
-@pytest.mark.parametrize('k,num_devices,dtype', [
-    (1, 1, 'float32'), (30, 2, 'float32'), (200, 8, 'float32'), (1000, 2, 'float32'),
-    (30, 2, 'bfloat16')])
-def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype):
+@pytest.mark.parametrize('k,num_devices,dtype,count', [
+    (1, 1, 'float32', False), (30, 2, 'float32', False), (200, 8, 'float32', False),
+    (1000, 2, 'float32', False), (30, 2, 'bfloat16', False),
+    (1, 1, 'float32', True), (30, 2, 'float32', True), (30, 2, 'bfloat16', True)])
+def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count):
   """The tiled search for small banks (all of a device's scores for a few queries at a time,
   their k best blocks, then those blocks' k best entries) against brute force, K from 1 to 1,000
   (beyond a device's blocks: a plain top-k): a bank that no block divides (padded to whole
   blocks, never returned), padding rows equal to a query (never returned), tiles of queries that
   do not divide them. With bfloat16 products the similarities returned are the float32 ones of
   the rows returned, and rows beyond bfloat16's rounding of the K-th best score are brute
-  force's."""
+  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k."""
   monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
+  monkeypatch.setattr(knn, 'COUNT_FROM_K', 1 if count else 10 ** 9)
   q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
   pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank) + 40 * num_devices
@@ -305,6 +307,34 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype):
   kth = np.take_along_axis(scores, want[:, -1:], 1)
   sure = scores > kth + margin
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
+
+
+def test_kth_largest_key_and_first_true():
+  """The selection by counting against NumPy: a key with exactly k keys at or above it, or
+  with ties at the k-th largest value at least k, none of them below that value; on rows of
+  negative and positive scores, -inf padding and ties; then the first k such columns."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(6, 50)).astype(np.float32)
+  x[1, 10:] = -np.inf                                  # 10 finite entries
+  x[2, :] = 0.5                                        # all tied
+  x[3, ::2] = x[3, 1]                                  # 25 tied, among others
+  x[4] = -np.abs(x[4])                                 # all negative
+  x[5, 0] = np.float32(-0.0)
+  keys = knn._order_keys(jax.numpy.asarray(x))
+  assert np.array_equal(np.asarray(knn._order_keys(keys)), x)            # its own inverse
+  kk = np.asarray(keys)
+  assert np.all((kk[:, :, None] < kk[:, None, :]) == (x[:, :, None] < x[:, None, :]))  # order
+  for k in (1, 7, 10, 26, 50):
+    kth = np.asarray(knn._kth_largest_key(keys, k))
+    above = np.asarray(keys) >= kth[:, None]
+    count = above.sum(1)
+    kth_value = -np.sort(-x, axis=1)[:, k - 1]
+    ties = (x == kth_value[:, None]).sum(1) > 1
+    assert np.all(count >= k) and np.all((count == k) | ties), (k, count)
+    # nothing below the k-th largest value is counted
+    assert np.all(x[above] >= np.repeat(kth_value, count)), k
+    cols = np.asarray(knn._first_true(jax.numpy.asarray(above), k))
+    assert np.array_equal(cols, np.stack([np.flatnonzero(a)[:k] for a in above])), k
 
 
 def test_auto_takes_the_tiled_search_for_few_rows_unless_the_screen_would_run(monkeypatch):
