@@ -64,7 +64,9 @@ def parts_of_search(queries, bank, labels, k, repeats):
   (float32 and bfloat16; their maxima summed away), the same reduced to block maxima, the
   first pass with its running selection of blocks (`knn._block_pass`, as the plain search
   and the screened one call it), and the whole searches; the differences are the block
-  maxima's, the selection's and the rescoring's costs."""
+  maxima's, the selection's and the rescoring's costs. On a small bank (`knn._is_small`) also
+  the tiled search's products with their block maxima, and the whole tiled search: the
+  difference is its selection."""
   import functools
 
   import jax
@@ -85,6 +87,19 @@ def parts_of_search(queries, bank, labels, k, repeats):
           sims = jnp.max(sims.reshape(nq, -1, knn.BLOCK), axis=2)
         return carry + jnp.sum(sims, axis=1)
       return bank_lib.scan_chunks(fold, jnp.zeros(nq), (b,), chunk, total=full)
+    return jax.jit(products)
+
+  def tiled_maxima(dtype):
+    """The tiled search's products (TILE_QUERIES queries against all the rows at a time),
+    reduced to block maxima, summed away."""
+    tile = min(nq, knn.TILE_QUERIES)
+
+    def products(q, b, _):
+      def one(qt):
+        sims = jnp.einsum('qd,cd->qc', qt.astype(dtype), b[:full].astype(dtype),
+                          preferred_element_type=jnp.float32)
+        return jnp.sum(jnp.max(sims.reshape(tile, -1, knn.BLOCK), axis=2), axis=1)
+      return jax.lax.map(one, q[:nq // tile * tile].reshape(-1, tile, q.shape[1]))
     return jax.jit(products)
 
   def block_pass(dtype, keep):
@@ -108,6 +123,11 @@ def parts_of_search(queries, bank, labels, k, repeats):
     rows[7:7] = [(f'first pass, bfloat16, {knn.SCREEN_BLOCKS(k) + 1} blocks (screened)',
                   block_pass(bf16, knn.SCREEN_BLOCKS(k) + 1))]
     rows.append(('screened search', whole(knn._screened_top_k)))
+  if knn._is_small(bank.shape[0]):
+    rows += [('tiled: products + block maxima, float32', tiled_maxima(f32)),
+             ('tiled: products + block maxima, bfloat16', tiled_maxima(bf16)),
+             ('tiled search, float32', whole(knn._tiled_top_k, matmul_dtype=f32)),
+             ('tiled search, bfloat16', whole(knn._tiled_top_k, matmul_dtype=bf16))]
   times = timed([functools.partial(lambda f: jax.block_until_ready(f(q, bank, labels)), f)
                  for _, f in rows], repeats)
   print(f'where the time goes, K={k}, {nq:,} queries, one device, {full:,} rows in blocks of '

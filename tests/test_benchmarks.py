@@ -114,7 +114,8 @@ def test_knn_finds_faiss_neighbours():
 
 def test_knn_on_exported_embeddings(tmp_path):
   """`--embeddings` reads what `eval_knn.py --export` writes, and the screened search finds
-  faiss's neighbours there; `--parts` says where its time goes."""
+  faiss's neighbours there; `--parts` says where its time goes (the tiled search's too, on
+  this small bank)."""
   rng = np.random.default_rng(0)
   unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   bank = unit(rng.normal(size=(3000, 16)))
@@ -127,8 +128,11 @@ def test_knn_on_exported_embeddings(tmp_path):
   assert re.search(r'^screened\s+[\d.]+\s+\d+\s+[\d.]+\s+100.00%\s+100.00%$', out, re.M), out
   assert 'where the time goes, K=5, 32 queries, one device, 2,976 rows in blocks of 32' in out
   parts = re.findall(r'^  (\S.*\S)\s+[\d.]+ s$', out, re.M)
-  assert parts[0] == 'the bank read once (summed)' and parts[-1] == 'screened search', out
-  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 11, out
+  assert parts[0] == 'the bank read once (summed)' and 'screened search' in parts, out
+  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 15, out
+  assert parts[-4:] == ['tiled: products + block maxima, float32',      # a small bank
+                        'tiled: products + block maxima, bfloat16',
+                        'tiled search, float32', 'tiled search, bfloat16'], out
   assert '(the plain search scores 160 rows a query again: 0.00 GB gathered, 1.7 x the bank)' \
       in out, out
 
