@@ -311,8 +311,8 @@ TILE_QUERIES = 64
 # From this k up the tiled search finds its k best blocks by counting (`_kth_largest_key`), not
 # by XLA's CPU top-k, whose partial sort grows with k. The demo's embeddings, one device, 2-core
 # AMD EPYC, seconds by top-k / by counting (benchmarks/knn.py --count_from_k, a run each): K =
-# 100 1.54 / 1.51, K = 200 1.91 / 2.02 (faiss 1.22 / 1.64 in the same runs), K = 1,000 5.72 /
-# 4.76.
+# 100 1.54 / 1.51; K = 200 1.91 / 2.02, 2.08 / 1.75, 2.00 / 2.16 (x faiss in the same runs 0.64 /
+# 0.81, 0.59 / 0.68, 0.63 / 0.65: level within this machine's noise); K = 1,000 5.72 / 4.76.
 COUNT_FROM_K = 100
 
 
