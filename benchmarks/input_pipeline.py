@@ -352,7 +352,7 @@ def main():
                    show_progress=False)
     dt = time.perf_counter() - t0
     mb = sum(len(d) for d in data) / 2**20
-    print(f'prepare (read, check by decoding at 1/8 scale, write array_record), one thread: '
+    print(f'prepare (read, check by decoding at 1/8 scale, write the bytes), one thread: '
           f'{len(data) / dt:.0f} images/s, {mb / dt:.0f} MiB/s; ImageNet train '
           f'(1,281,167 images) at that rate: {1281167 / (len(data) / dt) / 60:.0f} min per thread')
   finally:

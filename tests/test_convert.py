@@ -554,10 +554,12 @@ def test_bank_rows_follow_the_dataset_records(source, image_tree, photos_tfds, t
   state = checkpoint.restore_as_saved(mngr, 0, mesh_lib.make_mesh(jax.devices()[:1]))
   data = config.data.copy_and_resolve_references()
   data.name = source
-  records = sources.open_source(data, 'train').__getitems__(range(len(files)))
+  opened = sources.open_source(data, 'train')
+  records = opened.__getitems__(range(len(files)))
   row_of = {rel: i for i, (rel, _) in enumerate(files)}
-  name = lambda r: (r['file_name'].decode() if source == 'photos_tfds' else r['file'])
-  want = np.stack([bank[row_of[name(r)]] for r in records])
+  names = ([r['file_name'].decode() for r in records] if source == 'photos_tfds' else
+           opened.files())
+  want = np.stack([bank[row_of[name]] for name in names])
   np.testing.assert_array_equal(np.asarray(state['bank'])[:len(files)], want)
   np.testing.assert_array_equal(np.asarray(state['bank_labels'])[:len(files)],
                                 [r['label'] for r in records])

@@ -59,14 +59,89 @@ def test_prepare_keeps_the_files_as_they_are(image_tree):
   files = listing.list_images(os.path.join(image_tree, 'train'))
   assert len(source) == len(files) == 40 and source.classes == ['Bird', 'cat', 'dog', 'zebra']
   records = source.__getitems__(range(len(source)))
+  assert source.files() == [rel for rel, _ in files]
   for i, (record, (rel, label)) in enumerate(zip(records, files)):
-    assert (record['index'], record['label'], record['file']) == (i, label, rel)
+    assert (record['index'], record['label']) == (i, label)
     with open(os.path.join(image_tree, 'train', rel), 'rb') as f:
       assert record['image'] == f.read()                  # the bytes, not re-encoded
   np.testing.assert_array_equal(sources.read_labels(source), [label for _, label in files])
   assert sources.num_classes(source) == 4
   again = sources.open_source(config.data, 'train')      # prepared once
   assert again.meta == source.meta
+
+
+def _prepared(tmp_path, per_class=3):
+  root = str(tmp_path / 'photos')
+  make_image_tree(root, per_class={'train': per_class})
+  out = str(tmp_path / 'prepared')
+  folder.prepare(os.path.join(root, 'train'), out, show_progress=False)
+  return out
+
+
+def test_records_read_in_any_order_in_threads_and_after_pickling(tmp_path):
+  """Batched reads in any order, from several threads at once (each `os.pread`, no shared file
+  position), and from a copy sent to a worker process (pickled: it opens the file again)."""
+  import pickle
+  from concurrent.futures import ThreadPoolExecutor
+  source = folder.FolderSource(_prepared(tmp_path))
+  whole = [source[i] for i in range(len(source))]
+  keys = np.random.default_rng(0).permutation(len(source)).tolist() * 4
+  with ThreadPoolExecutor(4) as pool:
+    read = list(pool.map(lambda k: source.__getitems__([k, 0]), keys))
+  assert all(r == [whole[k], whole[0]] for k, r in zip(keys, read))
+  assert pickle.loads(pickle.dumps(source)).__getitems__(keys[:5]) == [whole[k] for k in keys[:5]]
+  assert source[3] == whole[3]                # the copy, gone, closed its own file only
+  with pytest.raises(IndexError, match='out of 0..11'):
+    source.__getitems__([3, 12])
+
+
+def test_a_split_prepared_into_array_record_reads_the_same(tmp_path):
+  """A split prepared before 2026-12-05 (an array_record file of msgpack records) is still read,
+  with the same records."""
+  import json
+  import msgpack
+  from array_record.python import array_record_module
+  new = folder.FolderSource(_prepared(tmp_path))
+  old = str(tmp_path / 'old')
+  shutil.copytree(new.directory, old)
+  writer = array_record_module.ArrayRecordWriter(
+      os.path.join(old, 'records-00000-of-00001.array_record'), 'group_size:1,uncompressed')
+  for r, rel in zip(new.__getitems__(range(len(new))), new.files()):
+    writer.write(msgpack.packb(dict(r, file=rel)))
+  writer.close()
+  meta = dict(new.meta, shards=['records-00000-of-00001.array_record'])
+  del meta['images']
+  for name in ('images.bin', 'offsets.npy'):
+    os.remove(os.path.join(old, name))
+  with open(os.path.join(old, 'meta.json'), 'w') as f:
+    json.dump(meta, f)
+  source = folder.FolderSource(old)
+  assert len(source) == len(new) and source.files() == new.files()
+  for a, b in zip(source.__getitems__(range(len(new))), new.__getitems__(range(len(new)))):
+    assert (a['image'], a['label'], a['index']) == (b['image'], b['label'], b['index'])
+
+
+@pytest.mark.parametrize('damage', ['truncated', 'longer', 'offsets', 'while_open'])
+def test_a_damaged_prepared_split_is_a_clear_error(tmp_path, damage):
+  out = _prepared(tmp_path)
+  images = os.path.join(out, 'images.bin')
+  if damage == 'while_open':                  # cut short after it was opened
+    source = folder.FolderSource(out)
+    with open(images, 'r+b') as f:
+      f.truncate(os.path.getsize(images) - 10)
+    with pytest.raises(DataError, match=r'^[^\n]*images.bin ends before record 11: delete '
+                                        r'[^\n]* to prepare it again$'):
+      source.__getitems__([0, 11])
+    return
+  if damage == 'offsets':
+    np.save(os.path.join(out, 'offsets.npy'), np.load(os.path.join(out, 'offsets.npy'))[:-1])
+    message = r'holds 11 records but its meta.json says 12'
+  else:
+    with open(images, 'r+b') as f:
+      f.truncate(os.path.getsize(images) + (-10 if damage == 'truncated' else 10))
+    message = r'images.bin holds \d+ bytes where its offsets.npy says \d+'
+  with pytest.raises(DataError, match=rf'^[^\n]*{message}: delete [^\n]* to prepare it again$'):
+    folder.FolderSource(out)
 
 
 @pytest.mark.parametrize('bad', ['garbage', 'truncated'])
@@ -86,7 +161,7 @@ def test_an_undecodable_file_stops_the_prepare_and_names_it(tmp_path, bad):
   config.data.skip_bad_images = True
   source = sources.open_source(config.data, 'train')
   assert len(source) == 12 and source.meta['skipped'] == ['cat/cat_001b.jpg']
-  assert 'cat/cat_001b.jpg' not in [r['file'] for r in source.__getitems__(range(12))]
+  assert 'cat/cat_001b.jpg' not in source.files() and len(source.files()) == 12
   assert [r['index'] for r in source.__getitems__(range(12))] == list(range(12))
 
 
@@ -237,7 +312,7 @@ def test_special_files_are_ignored_and_cycles_end(tmp_path):
                    ('dog/more/dog_000.png', 1)]
   source = _within(lambda: sources.open_source(_config(root).data, 'train'))
   assert len(source) == 6 and source.meta['skipped'] == []
-  assert [r['file'] for r in source.__getitems__(range(6))] == [f for f, _ in files]
+  assert source.files() == [f for f, _ in files]
 
 
 def test_reading_a_fifo_does_not_block(tmp_path):
@@ -268,7 +343,7 @@ def test_stale_temporaries_of_a_killed_prepare_are_removed(tmp_path):
   root = str(tmp_path / 'p')
   make_image_tree(root, per_class={'train': 1})
   stale = os.path.join(root, 'snca_prepared', 'train.incomplete-99999')
-  _touch(os.path.join(stale, 'records-00000-of-00001.array_record'), b'\0' * 1000)
+  _touch(os.path.join(stale, 'images.bin'), b'\0' * 1000)
   source = sources.open_source(_config(root).data, 'train')
   assert len(source) == 4
   assert os.listdir(os.path.join(root, 'snca_prepared')) == ['train']     # no lock file left

@@ -1,17 +1,23 @@
-"""Image folders (`<root>/<split>/<class>/.../<image>`), prepared once into array_record.
+"""Image folders (`<root>/<split>/<class>/.../<image>`), prepared once into one file of bytes.
 
 The tree is read in torchvision `ImageFolder` order (`listing.py`), so that record `i` is the
 original's row `i`; labels index the training split's class list.
 
 Preparing reads every file once, checks that PIL decodes it (JPEGs at 1/8 scale, which still
-reads their whole entropy-coded stream), and writes its bytes unchanged with its label, index
-and path relative to the split directory:
+reads their whole entropy-coded stream), and writes its bytes unchanged, one after another:
 
-    <prepared_dir>/<split>/records-00000-of-000NN.array_record   one msgpack record per image
-    <prepared_dir>/<split>/labels.npy                             int32, in record order
-    <prepared_dir>/<split>/files.txt                              paths, in record order
-    <prepared_dir>/<split>/meta.json                              classes (the list labels
-        index: the training split's), split_classes (the split's own folders), skipped files
+    <prepared_dir>/<split>/images.bin    every image's bytes as read, in record order
+    <prepared_dir>/<split>/offsets.npy   int64, num_records + 1: record i is images.bin's bytes
+                                         offsets[i] to offsets[i + 1]
+    <prepared_dir>/<split>/labels.npy    int32, in record order
+    <prepared_dir>/<split>/files.txt     paths relative to the split directory, in record order
+    <prepared_dir>/<split>/meta.json     classes (the list labels index: the training split's),
+        split_classes (the split's own folders), skipped files
+
+A record is read with one `os.pread`, which lets go of the GIL: an array_record file of msgpack
+records (what this module wrote before, still read) cost about 40 us of CPU more an image, a
+twentieth of the ImageNet transform's time on a reader thread (BENCHMARKS.md, the input
+pipeline).
 
 Everything is written to a temporary directory `<split>.incomplete-PID` that is renamed into
 place when complete, so an interrupted prepare leaves nothing that looks prepared. A prepare
@@ -38,7 +44,6 @@ import grain
 import msgpack
 import numpy as np
 import tqdm
-from array_record.python import array_record_module
 from PIL import Image
 
 from snca_jax import distributed
@@ -48,11 +53,10 @@ from snca_jax.data.listing import find_classes, list_images
 from snca_jax.errors import DataError
 from snca_jax.lookahead import look_ahead
 
-_SHARD_BYTES = 1 << 30
 _META = 'meta.json'
-# One record a group, stored as it is: encoded images do not compress, and the default
-# (brotli) cost a third of the time of preparing while reading it back costs decompression.
-_WRITER_OPTIONS = 'group_size:1,uncompressed'
+_IMAGES = 'images.bin'
+_OFFSETS = 'offsets.npy'
+_WRITE_BUFFER = 1 << 22
 
 log = logging.getLogger('snca_jax')
 # Files are read and checked by threads of this process (two per core) on up to
@@ -81,11 +85,8 @@ def _read_checked(path: str) -> bytes:
   return data
 
 
-def serialize(image: bytes, label: int, index: int, file: str) -> bytes:
-  return msgpack.packb({'image': image, 'label': label, 'index': index, 'file': file})
-
-
-def deserialize(record: bytes) -> dict:
+def _deserialize(record: bytes) -> dict:
+  """A record of a split prepared into array_record (before 2026-12-05)."""
   return msgpack.unpackb(record)
 
 
@@ -207,17 +208,13 @@ def _check_chunk(paths):
 
 def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_threads,
            num_workers, show_progress):
-  total_bytes = sum(_size(os.path.join(split_dir, f)) for f, _ in files)
-  num_shards = max(1, -(-total_bytes // _SHARD_BYTES))
-  per_shard = -(-len(files) // num_shards)
-  shard_names = [f'records-{i:05d}-of-{num_shards:05d}.array_record' for i in range(num_shards)]
-  labels, kept, skipped = [], [], []
-  writer, shard = None, -1
+  labels, kept, skipped, offsets = [], [], [], [0]
   t0 = time.time()
   bar = tqdm.tqdm(total=len(files), desc=f'preparing {split_dir}', unit='img',
                   disable=not show_progress, dynamic_ncols=True)
-  try:      # the bar, the shard and the readers closed on every path
+  try:      # the bar, the file and the readers closed on every path
     with contextlib.ExitStack() as stack:
+      out = stack.enter_context(open(os.path.join(tmp, _IMAGES), 'wb', buffering=_WRITE_BUFFER))
       pool, checked = _checked_files([os.path.join(split_dir, f) for f, _ in files],
                                      num_threads, check_workers(num_workers, len(files)))
       stack.callback(pool.shutdown, wait=True, cancel_futures=True)
@@ -230,25 +227,18 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
                             f'such files')
           skipped.append(rel)
           continue
-        if len(kept) // per_shard != shard:
-          if writer is not None:
-            writer.close()
-          shard = len(kept) // per_shard
-          writer = array_record_module.ArrayRecordWriter(
-              os.path.join(tmp, shard_names[shard]), _WRITER_OPTIONS)
-        writer.write(serialize(data, label, len(kept), rel))
+        out.write(data)
+        offsets.append(offsets[-1] + len(data))
         labels.append(label)
         kept.append(rel)
   finally:
     bar.close()
-    if writer is not None:
-      writer.close()
   if not kept:
     raise DataError(f'no decodable image in {split_dir}')
   meta = {'split_dir': os.path.abspath(split_dir), 'classes': classes,
-          'split_classes': split_classes, 'num_records': len(kept),
-          'shards': shard_names[:shard + 1], 'skipped': skipped,
-          'seconds': round(time.time() - t0, 1)}
+          'split_classes': split_classes, 'num_records': len(kept), 'images': _IMAGES,
+          'skipped': skipped, 'seconds': round(time.time() - t0, 1)}
+  np.save(os.path.join(tmp, _OFFSETS), np.asarray(offsets, np.int64))
   np.save(os.path.join(tmp, 'labels.npy'), np.asarray(labels, np.int32))
   with open(os.path.join(tmp, 'files.txt'), 'w', encoding='utf-8') as f:
     f.writelines(name + '\n' for name in kept)
@@ -275,26 +265,76 @@ def is_prepared(out_dir: str) -> bool:
 
 class FolderSource:
   """A prepared split: random access by record position, batched reads, labels without reading
-  any image. Records are dicts {'image': encoded bytes, 'label', 'index', 'file'}."""
+  any image. Records are dicts {'image': the encoded bytes, 'label', 'index'}; `files()` gives
+  their paths. Safe to share between threads (`os.pread` has no file position) and to send to
+  grain's worker processes (each opens the file again)."""
 
   def __init__(self, out_dir: str):
     self.meta = read_meta(out_dir)
     self.directory = out_dir
     self.classes = self.meta['classes']
-    self._records = grain.sources.ArrayRecordDataSource(
-        [os.path.join(out_dir, name) for name in self.meta['shards']])
-    if len(self._records) != self.meta['num_records']:
-      raise DataError(f'{out_dir} holds {len(self._records)} records but its {_META} says '
-                      f'{self.meta["num_records"]}: delete {out_dir} to prepare it again')
+    n = self.meta['num_records']
+    if 'shards' in self.meta:       # prepared into array_record before 2026-12-05: still read
+      self._records = grain.sources.ArrayRecordDataSource(
+          [os.path.join(out_dir, name) for name in self.meta['shards']])
+      found = len(self._records)
+      log.info('%s was prepared by an earlier snca-jax (array_record), which reads slower: '
+               'delete it to prepare it again', out_dir)
+    else:
+      self._records = None
+      self._offsets = np.load(os.path.join(out_dir, _OFFSETS))
+      self._labels = np.load(os.path.join(out_dir, 'labels.npy'))
+      found = len(self._offsets) - 1
+      size = _size(os.path.join(out_dir, self.meta['images']))
+      if found == n and self._offsets[-1] != size:
+        raise DataError(f'{os.path.join(out_dir, self.meta["images"])} holds {size} bytes where '
+                        f'its {_OFFSETS} says {self._offsets[-1]}: delete {out_dir} to prepare '
+                        f'it again')
+    if found != n:
+      raise DataError(f'{out_dir} holds {found} records but its {_META} says {n}: delete '
+                      f'{out_dir} to prepare it again')
+    self._fd = None
+    self._open()
+
+  def _open(self):
+    if self._records is None:
+      self._fd = os.open(os.path.join(self.directory, self.meta['images']), os.O_RDONLY)
+
+  def __setstate__(self, state):    # a copy (a worker process's) opens the file itself
+    self.__dict__.update(state, _fd=None)
+    self._open()
+
+  def __del__(self, close=os.close):      # os may be gone when the interpreter exits
+    if getattr(self, '_fd', None) is not None:
+      close(self._fd)
 
   def __len__(self):
     return self.meta['num_records']
 
   def __getitem__(self, i):
-    return deserialize(self._records[int(i)])
+    return self.__getitems__([i])[0]
 
   def __getitems__(self, keys):
-    return [deserialize(r) for r in self._records.__getitems__(list(keys))]
+    keys = [int(k) for k in keys]
+    if self._records is not None:
+      return [_deserialize(r) for r in self._records.__getitems__(keys)]
+    n = len(self)
+    if any(not 0 <= k < n for k in keys):
+      raise IndexError(f'a record position out of 0..{n - 1} in {self.directory}')
+    offsets, out = self._offsets, []
+    for k in keys:
+      start, end = int(offsets[k]), int(offsets[k + 1])
+      data = os.pread(self._fd, end - start, start)
+      if len(data) != end - start:
+        raise DataError(f'{os.path.join(self.directory, self.meta["images"])} ends before '
+                        f'record {k}: delete {self.directory} to prepare it again')
+      out.append({'image': data, 'label': int(self._labels[k]), 'index': k})
+    return out
+
+  def files(self) -> list[str]:
+    """Each record's path relative to the split directory, in record order."""
+    with open(os.path.join(self.directory, 'files.txt'), encoding='utf-8') as f:
+      return f.read().splitlines()
 
   def labels(self) -> np.ndarray:
     return np.load(os.path.join(self.directory, 'labels.npy'))
