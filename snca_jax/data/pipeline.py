@@ -67,10 +67,11 @@ class ProcessShare:
     return positions[self.process_index * local:(self.process_index + 1) * local]
 
 
-# Threads alone on up to THREAD_CORES cores: on 2, threads read a whole epoch at 0.84-0.88 of
-# the cores' transform rate, worker processes at 0.63-0.68 (0.73-0.77 once started). Beyond,
-# worker processes of THREADS_PER_WORKER threads: holding the GIL a fifth of an example's
-# time, two threads keep it about 40% busy, while one's decode overlaps the other's Python.
+# Threads alone on up to THREAD_CORES cores: on 2 (AMD EPYC), threads read a whole epoch at
+# 0.90-0.92 of the cores' transform rate, worker processes at 0.61-0.67 (0.71-0.79 once
+# started). Beyond, worker processes of THREADS_PER_WORKER threads: holding the GIL a fifth
+# of an example's time, two threads keep it about 40% busy, while one's decode overlaps the
+# other's Python.
 THREAD_CORES = 4
 THREADS_PER_WORKER = 2
 
