@@ -121,7 +121,8 @@ def test_a_split_prepared_into_array_record_reads_the_same(tmp_path):
     assert (a['image'], a['label'], a['index']) == (b['image'], b['label'], b['index'])
 
 
-@pytest.mark.parametrize('damage', ['truncated', 'longer', 'offsets', 'while_open'])
+@pytest.mark.parametrize('damage', ['truncated', 'longer', 'offsets', 'labels', 'no_offsets',
+                                    'while_open'])
 def test_a_damaged_prepared_split_is_a_clear_error(tmp_path, damage):
   out = _prepared(tmp_path)
   images = os.path.join(out, 'images.bin')
@@ -133,9 +134,13 @@ def test_a_damaged_prepared_split_is_a_clear_error(tmp_path, damage):
                                         r'[^\n]* to prepare it again$'):
       source.__getitems__([0, 11])
     return
-  if damage == 'offsets':
-    np.save(os.path.join(out, 'offsets.npy'), np.load(os.path.join(out, 'offsets.npy'))[:-1])
+  if damage in ('offsets', 'labels'):
+    path = os.path.join(out, f'{damage}.npy')
+    np.save(path, np.load(path)[:-1])
     message = r'holds 11 records but its meta.json says 12'
+  elif damage == 'no_offsets':
+    os.remove(os.path.join(out, 'offsets.npy'))
+    message = r'cannot read [^\n]*offsets.npy \(FileNotFoundError[^\n]*\)'
   else:
     with open(images, 'r+b') as f:
       f.truncate(os.path.getsize(images) + (-10 if damage == 'truncated' else 10))

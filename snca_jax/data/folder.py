@@ -263,6 +263,15 @@ def is_prepared(out_dir: str) -> bool:
   return os.path.exists(os.path.join(out_dir, _META))
 
 
+def _load(out_dir: str, name: str) -> np.ndarray:
+  path = os.path.join(out_dir, name)
+  try:
+    return np.load(path)
+  except (OSError, ValueError) as e:
+    raise DataError(f'cannot read {path} ({type(e).__name__}: {" ".join(str(e).split())}): '
+                    f'delete {out_dir} to prepare it again') from e
+
+
 class FolderSource:
   """A prepared split: random access by record position, batched reads, labels without reading
   any image. Records are dicts {'image': the encoded bytes, 'label', 'index'}; `files()` gives
@@ -282,9 +291,9 @@ class FolderSource:
                'delete it to prepare it again', out_dir)
     else:
       self._records = None
-      self._offsets = np.load(os.path.join(out_dir, _OFFSETS))
-      self._labels = np.load(os.path.join(out_dir, 'labels.npy'))
-      found = len(self._offsets) - 1
+      self._offsets = _load(out_dir, _OFFSETS)
+      self._labels = _load(out_dir, 'labels.npy')
+      found = min(len(self._offsets) - 1, len(self._labels))
       size = _size(os.path.join(out_dir, self.meta['images']))
       if found == n and self._offsets[-1] != size:
         raise DataError(f'{os.path.join(out_dir, self.meta["images"])} holds {size} bytes where '
