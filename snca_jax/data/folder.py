@@ -14,10 +14,10 @@ reads their whole entropy-coded stream), and writes its bytes unchanged, one aft
     <prepared_dir>/<split>/meta.json     classes (the list labels index: the training split's),
         split_classes (the split's own folders), skipped files
 
-A record is read with one `os.pread`, which lets go of the GIL: an array_record file of msgpack
-records (what this module wrote before, still read) cost about 40 us of CPU more an image, a
-twentieth of the ImageNet transform's time on a reader thread (BENCHMARKS.md, the input
-pipeline).
+A record is read with one `os.pread`, which lets go of the GIL. An array_record file of msgpack
+records (what this module wrote before, and still reads) cost the reader threads about 25 us
+of CPU more an image, and whole epochs read at 0.86-0.87 of the cores' transform rate where
+this file gives 0.90-0.92 (2-core AMD EPYC; BENCHMARKS.md, the input pipeline).
 
 Everything is written to a temporary directory `<split>.incomplete-PID` that is renamed into
 place when complete, so an interrupted prepare leaves nothing that looks prepared. A prepare
