@@ -225,6 +225,13 @@ def end_to_end(n, batch, smoke, more_threads=()):
     print(f'(preparing {n} files on {cores} cores reads them with '
           f'{f"{default} worker processes" if default else "threads"} by default)\n')
     source = folder.FolderSource(os.path.join(tmp, 'prepared0'))
+    order = np.random.default_rng(0).permutation(n)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for i in range(0, n, batch):
+      source.__getitems__(order[i:i + batch])
+    print(f'reading the prepared records in batches of {batch}, shuffled, one thread: '
+          f'{(time.perf_counter() - t0) / n * 1e6:.1f} us an image '
+          f'({(time.process_time() - cpu0) / n * 1e6:.1f} us of CPU)\n')
     transform = transforms.BatchTransform('imagenet', 224, 3, reduced_decode=True)
     batches = [{'image': data[i:i + batch], 'index': np.arange(i, min(i + batch, n))}
                for i in range(0, min(n, 1024), batch)]

@@ -178,6 +178,8 @@ def test_input_pipeline_end_to_end():
   for name in ('one thread', 'threads, two per core'):      # worker processes: test_folder
     assert re.search(rf'prepare, {name}:\s+\d+ images/s = [\d.]+ x cores', out), out
   assert re.search(r'reads them with threads by default', out), out     # few files
+  assert re.search(r'reading the prepared records in batches of \d+, shuffled, one thread: '
+                   r'[\d.]+ us an image \([\d.]+ us of CPU\)', out), out
   assert re.search(r'(\d+)% holding the GIL', out), out
   for name in ('configs/imagenet_resnet50.py:folder (from the cores)',
                'configs/folder.py (from the cores)', 'grain workers, 1 thread each',

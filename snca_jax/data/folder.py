@@ -17,7 +17,7 @@ reads their whole entropy-coded stream), and writes its bytes unchanged, one aft
 A record is read with one `os.pread`, which lets go of the GIL. An array_record file of msgpack
 records (what this module wrote before, and still reads) cost the reader threads about 25 us
 of CPU more an image, and whole epochs read at 0.86-0.87 of the cores' transform rate where
-this file gives 0.90-0.92 (2-core AMD EPYC; BENCHMARKS.md, the input pipeline).
+this file gives 0.89-0.92 (2-core AMD EPYC; BENCHMARKS.md, the input pipeline).
 
 Everything is written to a temporary directory `<split>.incomplete-PID` that is renamed into
 place when complete, so an interrupted prepare leaves nothing that looks prepared. A prepare
