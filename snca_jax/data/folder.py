@@ -15,9 +15,10 @@ reads their whole entropy-coded stream), and writes its bytes unchanged, one aft
         split_classes (the split's own folders), skipped files
 
 A record is read with one `os.pread`, which lets go of the GIL. An array_record file of msgpack
-records (what this module wrote before, and still reads) cost the reader threads about 25 us
-of CPU more an image, and whole epochs read at 0.86-0.87 of the cores' transform rate where
-this file gives 0.89-0.92 (2-core AMD EPYC; BENCHMARKS.md, the input pipeline).
+records (what this module wrote before, and still reads) cost the training process 1,102-1,103
+us of CPU an image, readers included, where this file costs 1,072-1,090, and whole epochs read
+at 0.86-0.87 of the cores' transform rate where this file gives 0.89-0.92 (2-core AMD EPYC;
+BENCHMARKS.md, the input pipeline).
 
 Everything is written to a temporary directory `<split>.incomplete-PID` that is renamed into
 place when complete, so an interrupted prepare leaves nothing that looks prepared. A prepare
@@ -283,16 +284,16 @@ class FolderSource:
     self.directory = out_dir
     self.classes = self.meta['classes']
     n = self.meta['num_records']
+    self._labels = _load(out_dir, 'labels.npy')
     if 'shards' in self.meta:       # prepared into array_record before 2026-12-05: still read
       self._records = grain.sources.ArrayRecordDataSource(
           [os.path.join(out_dir, name) for name in self.meta['shards']])
-      found = len(self._records)
+      found = min(len(self._records), len(self._labels))
       log.info('%s was prepared by an earlier snca-jax (array_record), which reads slower: '
                'delete it to prepare it again', out_dir)
     else:
       self._records = None
       self._offsets = _load(out_dir, _OFFSETS)
-      self._labels = _load(out_dir, 'labels.npy')
       found = min(len(self._offsets) - 1, len(self._labels))
       size = _size(os.path.join(out_dir, self.meta['images']))
       if found == n and self._offsets[-1] != size:
@@ -346,7 +347,7 @@ class FolderSource:
       return f.read().splitlines()
 
   def labels(self) -> np.ndarray:
-    return np.load(os.path.join(self.directory, 'labels.npy'))
+    return self._labels.copy()
 
   def __repr__(self):
     return f'FolderSource({self.directory!r}, {len(self)} records)'
