@@ -269,21 +269,32 @@ def test_bfloat16_search_returns_float32_similarities():
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
 
 
-@pytest.mark.parametrize('k,num_devices,dtype,count', [
-    (1, 1, 'float32', False), (30, 2, 'float32', False), (200, 8, 'float32', False),
-    (1000, 2, 'float32', False), (30, 2, 'bfloat16', False),
-    (1, 1, 'float32', True), (30, 2, 'float32', True), (30, 2, 'bfloat16', True)])
-def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count):
+@pytest.mark.parametrize('k,num_devices,dtype,count,holes', [
+    (1, 1, 'float32', False, False), (30, 2, 'float32', False, False),
+    (200, 8, 'float32', False, False), (1000, 2, 'float32', False, False),
+    (30, 2, 'bfloat16', False, False), (1, 1, 'float32', True, False),
+    (30, 2, 'float32', True, False), (30, 2, 'bfloat16', True, False),
+    (30, 2, 'float32', False, True), (30, 1, 'float32', True, True)])
+def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes):
   """The tiled search for small banks (all of a device's scores for a few queries at a time,
   their k best blocks, then those blocks' k best entries) against brute force, K from 1 to 1,000
   (beyond a device's blocks: a plain top-k): a bank that no block divides (padded to whole
   blocks, never returned), padding rows equal to a query (never returned), tiles of queries that
   do not divide them. With bfloat16 products the similarities returned are the float32 ones of
   the rows returned, and rows beyond bfloat16's rounding of the K-th best score are brute
-  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k."""
+  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k.
+  `holes`: padding rows among the others too, in more blocks than `knn.FIX_BLOCKS` (where the
+  block maxima mask every score, not those blocks' alone), the best row of each query among
+  them."""
   monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
   monkeypatch.setattr(knn, 'COUNT_FROM_K', 1 if count else 10 ** 9)
   q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
+  hole = np.zeros(len(bank), bool)
+  if holes:
+    hole[::50] = True
+    hole[np.argmax(q @ bank.T, axis=1)] = True
+    assert hole.sum() > knn.FIX_BLOCKS * num_devices
+  labels = np.where(hole, -1, labels)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
   pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank) + 40 * num_devices
   assert ((len(bank) + pad) // num_devices) % knn.BLOCK
@@ -294,10 +305,10 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count):
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='tiled',
       matmul_dtype=jax.numpy.dtype(dtype))
   sims, idx = np.asarray(sims), np.asarray(idx)
-  scores = q @ bank.T
+  scores = np.where(hole, -np.inf, q @ bank.T)
   want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
   np.testing.assert_allclose(sims, np.take_along_axis(scores, idx, 1), rtol=1e-5, atol=1e-6)
-  assert np.array_equal(np.asarray(lab), labels[idx])
+  assert np.array_equal(np.asarray(lab), labels[idx]) and np.all(labels[idx] >= 0)
   assert all(len(set(i)) == k for i in idx)
   # Brute force's rows, in its order, but where scores lie within the products' rounding of each
   # other (NumPy's and XLA's float32 sums may round apart; bfloat16's by under 2 x 2^-8).
