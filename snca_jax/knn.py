@@ -315,10 +315,10 @@ TILE_QUERIES = 64
 # 0.81, 0.59 / 0.68, 0.63 / 0.65: level within this machine's noise); K = 1,000 5.72 / 4.76.
 COUNT_FROM_K = 100
 
-# The tiled search's block maxima leave padding rows out by masking every score (about a tenth
-# of its products' time), unless at most FIX_BLOCKS blocks hold one (padding at the end of the
-# rows): then those blocks alone. The demo's bank, K = 30, one device, 2-core AMD EPYC: 1.17-1.26
-# s where masking all took 1.34-1.38 (BENCHMARKS.md, kNN search).
+# The tiled search's block maxima leave padding rows out by masking every score, unless at most
+# FIX_BLOCKS blocks hold one (padding at the end of the rows): then those blocks alone. The
+# demo's bank, K = 30, one device, 2-core AMD EPYC: 1.17-1.26 s where masking all took 1.34-1.38
+# (BENCHMARKS.md, kNN search).
 FIX_BLOCKS = 8
 
 
