@@ -282,12 +282,14 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes)
   blocks, never returned), padding rows equal to a query (never returned), tiles of queries that
   do not divide them. With bfloat16 products the similarities returned are the float32 ones of
   the rows returned, and rows beyond bfloat16's rounding of the K-th best score are brute
-  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k.
+  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k, and
+  two tiles a step (`knn.PAIRS_FROM_K`).
   `holes`: padding rows among the others too, in more blocks than `knn.FIX_BLOCKS` (where the
   block maxima mask every score, not those blocks' alone), the best row of each query among
   them."""
   monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
   monkeypatch.setattr(knn, 'COUNT_FROM_K', 1 if count else 10 ** 9)
+  monkeypatch.setattr(knn, 'PAIRS_FROM_K', 1 if count else 10 ** 9)
   q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
   hole = np.zeros(len(bank), bool)
   if holes:
