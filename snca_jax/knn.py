@@ -26,19 +26,14 @@ from snca_jax import mesh as mesh_lib
 
 
 def _block_top_k(sims, k, block=32):
-  """lax.top_k(sims, k), exactly, on a (Q, C) block of scores, but cheaper for wide C: the k
-  best entries lie in at most k blocks of `block` columns, and those are among the k blocks
-  with the highest maxima. So: block maxima, top-k blocks, then top-k of their k x block
-  entries. XLA's CPU top-k costs grow with the width; this keeps it small."""
+  """lax.top_k(sims, k), exactly, on a (Q, C) block of scores, but cheaper for wide C: block
+  maxima, then `_best_entries`. XLA's CPU top-k costs grow with the width; this keeps it
+  small."""
   q, c = sims.shape
-  if c % block or c // block < k:
+  if c % block:
     return jax.lax.top_k(sims, k)
   blocks = sims.reshape(q, c // block, block)
-  _, best_blocks = jax.lax.top_k(jnp.max(blocks, axis=2), k)                   # (Q, k)
-  cand = jnp.take_along_axis(blocks, best_blocks[:, :, None], axis=1)          # (Q, k, block)
-  cols = best_blocks[:, :, None] * block + jnp.arange(block)                   # (Q, k, block)
-  vals, pick = jax.lax.top_k(cand.reshape(q, k * block), k)
-  return vals, jnp.take_along_axis(cols.reshape(q, k * block), pick, axis=1)
+  return _best_entries(blocks, jnp.max(blocks, axis=2), k, count=False)
 
 
 def _local_top_k(q, bank, labels, *, k, chunk, matmul_dtype):
@@ -365,6 +360,36 @@ def _first_true(mask, k):
   return jax.vmap(lambda e: jnp.searchsorted(e, jnp.arange(1, k + 1), side='left'))(ends)
 
 
+def _best_entries(blocks, maxima, k, *, count, valid=None):
+  """The k best entries of the (Q, n, B) scores `blocks`, exactly, from their block maxima
+  (Q, n): (values (Q, k), best first; columns (Q, k) of the scores as (Q, n x B)). The k best
+  entries lie in at most k blocks, and those are among the k blocks with the highest maxima (a
+  block's maximum is one of its entries): so those k blocks (by top-k, or with `count` by
+  counting: the first k, by column, with a maximum at or above the k-th), then the k best of
+  their entries, those below the k-th best maximum set aside first (they cannot be among the k
+  best, and XLA's CPU top-k is cheaper the fewer entries can enter it). `valid` (n x B,): the
+  entries that may be returned (the maxima must leave the others out already)."""
+  q, n, b = blocks.shape
+  if n < k:
+    best = jnp.broadcast_to(jnp.arange(n), maxima.shape)
+    floor = jnp.full((q, 1), -jnp.inf)
+  elif count:
+    keys = _order_keys(maxima)
+    kth = _kth_largest_key(keys, k)
+    best = _first_true(keys >= kth[:, None], k)
+    floor = _order_keys(kth)[:, None]
+  else:
+    top, best = jax.lax.top_k(maxima, k)
+    floor = jnp.min(top, axis=1, keepdims=True)       # not a slice of top-k's output: slower
+  cand = jnp.take_along_axis(blocks, best[:, :, None], axis=1).reshape(q, -1)
+  cols = (best[:, :, None] * b + jnp.arange(b)).reshape(q, -1)
+  keep = cand >= floor
+  if valid is not None:
+    keep &= valid[cols]
+  vals, pick = jax.lax.top_k(jnp.where(keep, cand, -jnp.inf), k)
+  return vals, jnp.take_along_axis(cols, pick, axis=1)
+
+
 def _is_small(rows):
   return TILE_BYTES // (4 * max(rows, 1)) >= TILE_QUERIES
 
@@ -374,10 +399,8 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   queries at a time, all the device's scores at once, their k best taken while in cache (exact
   for these scores: the two-pass search's rescoring, which on a small bank gathers a large share
   of it again for every query, is not needed): the maxima of blocks of BLOCK rows (padding rows
-  left out: FIX_BLOCKS), the k best blocks (by top-k, or by counting from COUNT_FROM_K),
-  then the k best of their entries, those below the k-th best block's maximum set aside first
-  (they cannot be among the k best, and XLA's CPU top-k is cheaper the fewer entries can enter
-  it). With bfloat16 products the k found are scored again in float32, so the similarities
+  left out: FIX_BLOCKS), then `_best_entries` (the best blocks by counting from COUNT_FROM_K).
+  With bfloat16 products the k found are scored again in float32, so the similarities
   returned are float32's."""
   n, dim = bank.shape
   pad = -n % BLOCK                  # the bank padded once, not each tile's scores
@@ -399,23 +422,10 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   def one(qt):
     sims = jnp.einsum('qd,cd->qc', qt.astype(matmul_dtype), rows,
                       preferred_element_type=jnp.float32).reshape(-1, n_blocks, BLOCK)
-    maxima = block_maxima(sims)
-    if n_blocks < k:
-      best = jnp.broadcast_to(jnp.arange(n_blocks), maxima.shape)
-      floor = jnp.full((maxima.shape[0], 1), -jnp.inf)
-    elif k >= COUNT_FROM_K:         # the first k blocks (by row) with a maximum >= the k-th
-      keys = _order_keys(maxima)
-      kth = _kth_largest_key(keys, k)
-      best = _first_true(keys >= kth[:, None], k)
-      floor = _order_keys(kth)[:, None]
-    else:
-      top, best = jax.lax.top_k(maxima, k)
-      floor = jnp.min(top, axis=1, keepdims=True)     # not a slice of top-k's output: slower
-    cand = jnp.take_along_axis(sims, best[:, :, None], axis=1).reshape(qt.shape[0], -1)
-    cols = (best[:, :, None] * BLOCK + jnp.arange(BLOCK)).reshape(qt.shape[0], -1)
-    vals, pick = jax.lax.top_k(jnp.where(valid[cols] & (cand >= floor), cand, -jnp.inf), k)
-    idx = jnp.minimum(jnp.take_along_axis(cols, pick, axis=1), n - 1)   # past the rows: where
-    if jnp.dtype(matmul_dtype) != jnp.float32:                          # fewer than k score
+    vals, cols = _best_entries(sims, block_maxima(sims), k, count=k >= COUNT_FROM_K,
+                               valid=valid)
+    idx = jnp.minimum(cols, n - 1)          # past the rows: only where fewer than k score
+    if jnp.dtype(matmul_dtype) != jnp.float32:
       rescored = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
       scored = jnp.where(valid[idx] & (vals > -jnp.inf), rescored, -jnp.inf)
       vals, pick = jax.lax.top_k(scored, k)

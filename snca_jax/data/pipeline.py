@@ -68,7 +68,7 @@ class ProcessShare:
 
 
 # Threads alone on up to THREAD_CORES cores: on 2 (AMD EPYC), threads read a whole epoch at
-# 0.89-0.92 of the cores' transform rate, worker processes at 0.61-0.67 (0.71-0.79 once
+# 0.89-0.92 of the cores' transform rate, worker processes at 0.62-0.67 (0.72-0.79 once
 # started). Beyond, worker processes of THREADS_PER_WORKER threads: holding the GIL a fifth
 # of an example's time, two threads keep it about 40% busy, while one's decode overlaps the
 # other's Python.
