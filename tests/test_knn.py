@@ -7,6 +7,11 @@ import pytest
 from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 
+# The search jitted, as `knn_classify` and `nearest` run it: run op by op, each of its
+# operations was compiled on its own, most of this file's time in a fresh clone.
+top_k_neighbors = jax.jit(knn.top_k_neighbors, static_argnames=(
+    'k', 'mesh', 'chunk_size', 'matmul_dtype', 'method', 'screen'))
+
 
 def dense_knn_scores(q, bank, labels, k, sigma, C):
   sims = q.astype(np.float64) @ bank.T.astype(np.float64)
@@ -62,7 +67,7 @@ def test_top_k_accuracy():
 def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   q, bank, labels, _ = problem(2, N=208)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
-  sims, idx, lab = knn.top_k_neighbors(
+  sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=10, mesh=mesh)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :10]
@@ -78,7 +83,7 @@ def test_one_device_returns_the_neighbours_best_first(method, screen):
   best first, as the vote (weights relative to the first) and `nearest` take them."""
   q, bank, labels, _ = problem(9, N=2000)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  sims, idx, _ = knn.top_k_neighbors(
+  sims, idx, _ = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=40, mesh=mesh, chunk_size=512,
       method=method, screen=screen)
@@ -111,7 +116,7 @@ def test_chunked_search_with_block_top_k_equals_dense(num_devices):
   pad = mesh_lib.padded_rows(len(bank), mesh) - len(bank)
   bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
-  _, idx, _ = knn.top_k_neighbors(
+  _, idx, _ = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, chunk_size=128)
   want = np.argsort(-(q @ bank.T), axis=1, kind='stable')[:, :3]
@@ -156,7 +161,7 @@ def test_blocked_search_is_exact(monkeypatch, k, num_devices, method, screen):
     bank[per // block * block] = q[1]
   bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
-  sims, idx, lab = knn.top_k_neighbors(
+  sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method=method,
       screen=screen)
@@ -198,7 +203,7 @@ def test_screened_search_proves_its_neighbours_or_searches_again(monkeypatch, k,
   pad = mesh_lib.padded_rows(n, mesh) - n
   bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
-  _, idx, _ = knn.top_k_neighbors(
+  _, idx, _ = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='blocked',
       screen='bfloat16')
@@ -254,7 +259,7 @@ def test_bfloat16_search_returns_float32_similarities():
   q, bank, labels, _ = problem(6, Q=9, N=4099, D=16)
   mesh = mesh_lib.make_mesh(jax.devices()[:2])
   bank_p, labels_p = np.concatenate([bank, bank[:1]]), np.concatenate([labels, [-1]])
-  sims, idx, _ = knn.top_k_neighbors(
+  sims, idx, _ = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=30, mesh=mesh,
       matmul_dtype=jax.numpy.bfloat16, method='blocked')
@@ -302,7 +307,7 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes)
   assert ((len(bank) + pad) // num_devices) % knn.BLOCK
   bank_p = np.concatenate([bank, np.tile(q[:1], (pad, 1))])
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
-  sims, idx, lab = knn.top_k_neighbors(
+  sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='tiled',
       matmul_dtype=jax.numpy.dtype(dtype))
@@ -385,7 +390,7 @@ def test_tiled_search_with_fewer_rows_than_k(dtype):
   bank[96] = q[0]                                  # the best row of every query near q[0]
   q = np.concatenate([q[:1], q[:1] + 0.01 * q[1:]]).astype(np.float32)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  sims, idx, lab = knn.top_k_neighbors(
+  sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
       jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, method='tiled',
       matmul_dtype=jax.numpy.dtype(dtype))

@@ -8,6 +8,17 @@ import pytest
 from snca_jax import models
 
 
+def init(model, *args, **kw):
+  """model.init jitted: run op by op, each operation is compiled on its own (most of this
+  file's time in a fresh clone)."""
+  return jax.jit(lambda *a: model.init(*a, **kw))(*args)
+
+
+def apply(model, *args, **kw):
+  """model.apply jitted (as `init`)."""
+  return jax.jit(lambda *a: model.apply(*a, **kw))(*args)
+
+
 def count(tree):
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -28,9 +39,9 @@ def test_parameter_count_matches_torchvision(name, expected):
 def test_embeddings_are_unit_norm_float32(name, size, channels, dtype):
   model = models.create_model(name, low_dim=24, dtype=dtype)
   x = jax.random.normal(jax.random.key(1), (3, size, size, channels))
-  variables = model.init(jax.random.key(0), x)
+  variables = init(model, jax.random.key(0), x)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
-  out, updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+  out, updates = apply(model, variables, x, train=True, mutable=['batch_stats'])
   assert out.shape == (3, 24) and out.dtype == jnp.float32
   np.testing.assert_allclose(np.linalg.norm(np.asarray(out), axis=1), 1.0, rtol=1e-5)
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), variables['batch_stats'],
@@ -61,8 +72,8 @@ def test_pytorch_default_initialisation():
   """The original's CIFAR ResNet keeps PyTorch's defaults: conv and linear weights (and the
   linear bias) uniform in +-1/sqrt(fan_in), BatchNorm scale 1 and bias 0."""
   x = np.zeros((1, 32, 32, 3), np.float32)
-  torch_like = models.create_model('cifar_resnet18', init='pytorch').init(jax.random.key(0), x)
-  default = models.create_model('cifar_resnet18').init(jax.random.key(0), x)
+  torch_like = init(models.create_model('cifar_resnet18', init='pytorch'), jax.random.key(0), x)
+  default = init(models.create_model('cifar_resnet18'), jax.random.key(0), x)
   for name, w in _leaves(torch_like['params']).items():
     if name.endswith("['kernel']"):
       fan_in = int(np.prod(w.shape[:-1]))
@@ -85,21 +96,21 @@ def test_batchnorm_per_device_groups():
       1, 9, dtype=np.float32)[:, None, None, None]
   grouped = models.create_model('tiny_resnet', bn_groups=4)
   whole = models.create_model('tiny_resnet')
-  variables = whole.init(jax.random.key(0), x[:1])
-  assert jax.tree.structure(grouped.init(jax.random.key(0), x[:1])) == jax.tree.structure(
-      variables)
-  out, updates = grouped.apply(variables, x, train=True, mutable=['batch_stats'])
+  variables = init(whole, jax.random.key(0), x[:1])
+  assert jax.tree.structure(jax.eval_shape(grouped.init, jax.random.key(0), x[:1])) == (
+      jax.tree.structure(variables))
+  out, updates = apply(grouped, variables, x, train=True, mutable=['batch_stats'])
   for g in range(4):
-    part, part_updates = whole.apply(variables, x[2 * g:2 * g + 2], train=True,
-                                     mutable=['batch_stats'])
+    part, part_updates = apply(whole, variables, x[2 * g:2 * g + 2], train=True,
+                               mutable=['batch_stats'])
     np.testing.assert_allclose(np.asarray(out[2 * g:2 * g + 2]), np.asarray(part), atol=2e-5)
     if g == 0:
       for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(part_updates)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
-  full, _ = whole.apply(variables, x, train=True, mutable=['batch_stats'])
+  full, _ = apply(whole, variables, x, train=True, mutable=['batch_stats'])
   assert np.abs(np.asarray(full) - np.asarray(out)).max() > 1e-3
-  np.testing.assert_allclose(np.asarray(grouped.apply(variables, x)),
-                             np.asarray(whole.apply(variables, x)), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(apply(grouped, variables, x)),
+                             np.asarray(apply(whole, variables, x)), atol=1e-6)
 
 
 def test_batchnorm_statistics_in_the_compute_dtype_is_a_switch():
@@ -114,8 +125,8 @@ def test_batchnorm_statistics_in_the_compute_dtype_is_a_switch():
     config.bn_float32_statistics = exact
     model = models.model_from_config(config)
     assert model.bn_float32_statistics is exact
-    variables = model.init(jax.random.key(1), x[:2], train=False)
-    out[exact], _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    variables = init(model, jax.random.key(1), x[:2], train=False)
+    out[exact], _ = apply(model, variables, x, train=True, mutable=['batch_stats'])
   assert np.all(np.isfinite(np.asarray(out[False])))
   assert not np.array_equal(np.asarray(out[True]), np.asarray(out[False]))
   np.testing.assert_allclose(np.asarray(out[True]), np.asarray(out[False]), atol=0.1)
@@ -132,17 +143,17 @@ def test_softmax_baseline_embeds_with_its_pooled_features():
   assert models.embedding_dim(fashion_mnist.get_config('softmax_embedding')) == 128
   model = models.model_from_config(config)
   x = jax.random.normal(jax.random.key(0), (6, 28, 28, 1))
-  variables = model.init(jax.random.key(1), x, train=False)
+  variables = init(model, jax.random.key(1), x, train=False)
   assert 'head' not in variables['params']
   assert variables['params']['classifier']['kernel'].shape == (64, 10)
-  emb, state = model.apply(variables, x, train=False, mutable=['intermediates'])
+  emb, state = apply(model, variables, x, train=False, mutable=['intermediates'])
   logits = state['intermediates']['logits'][0]
   np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, rtol=1e-5)
   # The same backbone without the classifier gives the same embedding, and the logits are
   # the classifier applied to a positive multiple of it: the pooled features themselves.
   backbone = models.create_model(config.model, low_dim=0)
   params = {k: v for k, v in variables['params'].items() if k != 'classifier'}
-  same = backbone.apply({**variables, 'params': params}, x, train=False)
+  same = apply(backbone, {**variables, 'params': params}, x, train=False)
   np.testing.assert_allclose(np.asarray(same), np.asarray(emb), rtol=1e-5, atol=1e-6)
   w, b = (np.asarray(variables['params']['classifier'][k]) for k in ('kernel', 'bias'))
   centred, direction = np.asarray(logits) - b, np.asarray(emb) @ w
