@@ -198,8 +198,9 @@ def flax_embed(workdir, x_nchw):
   config = checkpoint.restore_config(mngr, step)        # as stored, with its run facts
   state = checkpoint.restore_as_saved(mngr, step, mesh_lib.make_mesh(jax.devices()[:1]))
   model = models.model_from_config(checkpoint.read_config(mngr, step)[0])
-  out = model.apply({'params': state['params'], 'batch_stats': state['batch_stats']},
-                    np.transpose(x_nchw, (0, 2, 3, 1)), train=False)
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(           # not op by op
+      {'params': state['params'], 'batch_stats': state['batch_stats']},
+      np.transpose(x_nchw, (0, 2, 3, 1)))
   return np.asarray(out), state, config
 
 

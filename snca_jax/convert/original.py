@@ -161,7 +161,7 @@ def convert(src, *, checkpoint_dir: str, config, labels=None, labels_dataset=Non
     if not init_head:
       raise CheckpointError(f'{src} has no {config.low_dim}-d embedding head (fc): pass '
                             f'--init_head to start one from random weights')
-    fresh = model.init(jax.random.key(seed), example)
+    fresh = jax.jit(model.init)(jax.random.key(seed), example)   # not op by op
     params['head'] = jax.tree.map(np.asarray, fresh['params']['head'])
   want = jax.tree.map(lambda a: a.shape, abstract['params'])
   got = jax.tree.map(lambda a: a.shape, params)
