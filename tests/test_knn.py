@@ -1,5 +1,7 @@
 """Sharded kNN against an exact dense NumPy search."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -7,10 +9,13 @@ import pytest
 from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 
-# The search jitted, as `knn_classify` and `nearest` run it: run op by op, each of its
-# operations was compiled on its own, most of this file's time in a fresh clone.
-top_k_neighbors = jax.jit(knn.top_k_neighbors, static_argnames=(
-    'k', 'mesh', 'chunk_size', 'matmul_dtype', 'method', 'screen'))
+
+def top_k_neighbors(*args, **kw):
+  """The search jitted, as `knn_classify` and `nearest` run it (run op by op, each of its
+  operations was compiled on its own: most of this file's time in a fresh clone). A new jit
+  each call: the tests change the module's constants (`monkeypatch`), which a jitted function
+  kept across calls would not see where the shapes and arguments repeat."""
+  return jax.jit(functools.partial(knn.top_k_neighbors, **kw))(*args)
 
 
 def dense_knn_scores(q, bank, labels, k, sigma, C):
