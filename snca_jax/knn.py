@@ -411,12 +411,13 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   mixed = ~jnp.all(valid_blocks, axis=1)              # the blocks that hold a padding row
   # Up to FIX_BLOCKS of them, the rest block 0 (whose maximum masked is right either way).
   fix = jnp.nonzero(mixed, size=min(FIX_BLOCKS, n_blocks), fill_value=0)[0]
+  few_mixed = jnp.sum(mixed) <= fix.shape[0]           # once, not in every tile
 
   def block_maxima(sims):
     def few():
       some = jnp.max(jnp.where(valid_blocks[fix], sims[:, fix], -jnp.inf), axis=2)
       return jnp.max(sims, axis=2).at[:, fix].set(some)
-    return jax.lax.cond(jnp.sum(mixed) <= fix.shape[0], few,
+    return jax.lax.cond(few_mixed, few,
                         lambda: jnp.max(jnp.where(valid_blocks, sims, -jnp.inf), axis=2))
 
   def one(qt):
