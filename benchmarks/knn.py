@@ -4,17 +4,20 @@
     python benchmarks/knn.py --n 100000
     python benchmarks/knn.py --embeddings emb   # eval_knn.py --export emb's queries and bank
 
-  ours   snca_jax.knn.knn_classify: per device, block maxima from cache-sized tiles of scores,
-         then the best blocks' rows scored again (method='blocked'; one device here); exact
-         in float32, its first pass in bfloat16 with a proof where the CPU has bfloat16
-         products in hardware (screen='auto'). On a small bank (at most 65,536 rows a device)
-         the tiled search instead: all the scores of 64 queries at a time, selected from
-         while in cache (method='tiled')
-  ours_f32   the same with its first pass in float32 (screen='none')
-  screened   the same with its first pass in bfloat16 and the proof wherever it can run
-             (screen='bfloat16', whatever 'auto' would choose)
+  ours   snca_jax.knn.knn_classify as eval_knn.py calls it (method='auto'; one device here),
+         exact in float32: where the CPU has bfloat16 products in hardware and the bank is
+         large beside K, the blocked search screening the bank in bfloat16 with a proof
+         (block maxima from cache-sized tiles of scores, then the best blocks' rows scored
+         again in float32); otherwise the native search (method='native': XLA's float32
+         products for 2,048 queries x 2,048 rows at a time, each tile's scores folded into
+         every query's running selection by a CPU kernel, snca_jax/cpu_select.cc)
+  ours_f32   the same with the screen off (screen='none')
+  screened   the same with the screen wherever it can run (screen='bfloat16')
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
-  blocked    the two-pass search (method='blocked') where 'auto' takes the tiled one
+  native     the native search, whatever 'auto' would choose (method='native')
+  tiled      the tiled search of small banks (method='tiled'), 'auto' before the native one:
+             all the scores of 64 queries at a time, selected from by XLA while in cache
+  blocked    the two-pass search (method='blocked'), with the screen where 'auto' would
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
@@ -151,7 +154,8 @@ def main(argv=None):
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--methods', default='ours,ours_f32,ours_bf16',
-                 help='of ours, ours_f32, screened, ours_bf16, chunked; comma-separated')
+                 help='of ours, ours_f32, screened, ours_bf16, native, tiled, blocked, '
+                 'chunked; comma-separated')
   p.add_argument('--embeddings', default='',
                  help='a folder written by eval_knn.py --export: its queries and database '
                  '(and their labels) instead of random unit rows')
@@ -241,6 +245,8 @@ def main(argv=None):
                          ('ours_f32', np.float32, 'auto', 'none'),
                          ('screened', np.float32, 'auto', 'bfloat16'),
                          ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
+                         ('native', np.float32, 'native', 'auto'),
+                         ('tiled', np.float32, 'tiled', 'auto'),
                          ('blocked', np.float32, 'blocked', 'auto'),
                          ('chunked', np.float32, 'chunked', 'auto'))
              if m[0] in args.methods.split(',')]

@@ -4,11 +4,13 @@ For each query q, the K bank rows of highest cosine similarity (dot product) vot
 label with weight exp(sim / sigma); the class scores are the summed votes.
 
 The search runs inside `jax.shard_map`: each device finds the top K among its own rows of the
-bank (on CPUs, for a device's few rows all its scores for a tile of queries at a time,
-`_tiled_top_k`, for many rows in two passes over blocks of rows, `_blocked_top_k`; elsewhere
-chunk by chunk with a running top K, `_local_top_k`); only the (Q, K) candidates of each device
-are gathered and merged. No device ever holds the (Q, N) score matrix, or even its own (Q, N / d)
-share.
+bank (on CPUs XLA's products of a tile of queries and a chunk of rows at a time, each tile's
+scores folded into every query's running selection by a CPU kernel, `_native_top_k` and
+`cpu_select`, or for large banks and small K two passes over blocks of rows, the first in
+bfloat16 with a proof, `_blocked_top_k`; where the kernel cannot be built, the tiled search for
+few rows, `_tiled_top_k`; elsewhere chunk by chunk with a running top K, `_local_top_k`); only
+the (Q, K) candidates of each device are gathered and merged. No device ever holds the (Q, N)
+score matrix, or even its own (Q, N / d) share.
 Rows with a negative label are padding and never selected.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from snca_jax import bank as bank_lib
+from snca_jax import cpu_select
 from snca_jax import distributed
 from snca_jax import hardware
 from snca_jax import mesh as mesh_lib
@@ -390,6 +393,56 @@ def _best_entries(blocks, maxima, k, *, count, valid=None):
   return vals, jnp.take_along_axis(cols, pick, axis=1)
 
 
+def _rescored(qt, bank, labels, vals, idx):
+  """The rows `idx` (T, k) found with bfloat16 products, scored again in float32 and sorted
+  again, best first (entries found at -inf, or rows with a negative label, stay -inf); a few
+  queries at a time (RESCORE_BYTES of gathered rows: gathered for all the queries at once, K =
+  1,000 on the demo's bank took 9x as long)."""
+  def one(qs, vs, ids):
+    rescored = jnp.einsum('qkd,qd->qk', bank[ids], qs, preferred_element_type=jnp.float32)
+    scored = jnp.where((labels[ids] >= 0) & (vs > -jnp.inf), rescored, -jnp.inf)
+    vs, pick = jax.lax.top_k(scored, ids.shape[1])
+    return vs, jnp.take_along_axis(ids, pick, axis=1)
+
+  return _by_query_tiles(one, -(-idx.shape[1] // BLOCK), qt, vals, idx)
+
+
+# The native search (`_native_top_k`): NATIVE_QUERIES queries a tile, each scored against
+# chunks of rows of about TILE_BYTES of float32 scores (2,048 rows for 2,048 queries).
+NATIVE_QUERIES = 2048
+
+
+def _native_top_k(q, bank, labels, *, k, matmul_dtype):
+  """This device's k best rows for every query, with the selection in a CPU kernel
+  (`cpu_select`): NATIVE_QUERIES queries at a time, scored by XLA against a chunk of rows at a
+  time, every chunk's scores folded into each query's running selection while in cache. Exact
+  for these scores; with bfloat16 products the k found are scored again in float32, so the
+  similarities returned are float32's."""
+  n, dim = bank.shape
+  nq = q.shape[0]
+  tile = min(nq, NATIVE_QUERIES)
+  chunk = min(n, max(BLOCK, TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
+
+  def one(qt):
+    qm = qt.astype(matmul_dtype)
+
+    def fold(state, rows, fresh, chunk_rows, chunk_labels):
+      sims = jnp.einsum('qd,cd->qc', qm, chunk_rows.astype(matmul_dtype),
+                        preferred_element_type=jnp.float32)
+      return cpu_select.fold(state, sims, jnp.where(fresh, chunk_labels, -1), rows[0],
+                             rows[-1] == n - 1, k=k)
+
+    state = bank_lib.scan_chunks(fold, cpu_select.init(tile, k), (bank, labels), chunk)
+    vals, idx = cpu_select.result(state, k)
+    if jnp.dtype(matmul_dtype) != jnp.float32:
+      vals, idx = _rescored(qt, bank, labels, vals, idx)
+    return vals, idx
+
+  padded = -(-nq // tile) * tile
+  vals, idx = jax.lax.map(one, jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim))
+  return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+
+
 def _is_small(rows):
   return TILE_BYTES // (4 * max(rows, 1)) >= TILE_QUERIES
 
@@ -427,10 +480,7 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
                                valid=valid)
     idx = jnp.minimum(cols, n - 1)          # past the rows: only where fewer than k score
     if jnp.dtype(matmul_dtype) != jnp.float32:
-      rescored = jnp.einsum('qkd,qd->qk', bank[idx], qt, preferred_element_type=jnp.float32)
-      scored = jnp.where(valid[idx] & (vals > -jnp.inf), rescored, -jnp.inf)
-      vals, pick = jax.lax.top_k(scored, k)
-      idx = jnp.take_along_axis(idx, pick, axis=1)
+      vals, idx = _rescored(qt, bank, labels, vals, idx)
     return vals, idx.astype(jnp.int32)
 
   nq = q.shape[0]
@@ -471,20 +521,31 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
 
 
 def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
-  """This device's k best rows: the tiled search for small banks ('tiled'), the blocked one
-  ('blocked'), or the chunked one ('chunked'). 'auto' on CPUs: the tiled search where the
-  device's rows are few (`_is_small`) and the blocked search would not screen them in bfloat16
-  (`_screens`: where it does, its bfloat16 products make it the faster, as for K = 1 on 65,536
-  rows: BENCHMARKS.md), else the blocked one where the device holds at least k blocks of rows
+  """This device's k best rows: the native search ('native': XLA's products, the selection in a
+  CPU kernel), the tiled search for small banks ('tiled'), the blocked one ('blocked'), or the
+  chunked one ('chunked'). 'auto' on CPUs: for many rows (not `_is_small`) the blocked search
+  where it screens them in bfloat16 (`_screens`: its bfloat16 products make it the faster, as
+  for K = 30 on ImageNet's bank: BENCHMARKS.md), else the native search where its kernel is
+  built (`cpu_select.available`; on few rows also where the screen would run: on the demo's
+  60,000 rows of embeddings the screen keeps many rows for K = 1); else as before it: the tiled
+  search where the device's rows are few and would not be screened, the blocked one where it
+  holds at least k blocks of rows
   (accelerators keep the chunked one, whose few large products suit them, until the others are
   timed there). `screen`: `_screens`'s."""
   k = min(k, bank.shape[0])
-  if method not in ('auto', 'tiled', 'blocked', 'chunked'):
-    raise ValueError(f"kNN method {method!r}: use 'auto', 'tiled', 'blocked' or 'chunked'")
+  if method not in ('auto', 'native', 'tiled', 'blocked', 'chunked'):
+    raise ValueError(f"kNN method {method!r}: use 'auto', 'native', 'tiled', 'blocked' or "
+                     "'chunked'")
   rows = bank.shape[0]
   cpu = method == 'auto' and jax.default_backend() == 'cpu'
-  if method == 'tiled' or (cpu and _is_small(rows)
-                           and not _screens(rows, k, matmul_dtype, screen)):
+  screens = _screens(rows, k, matmul_dtype, screen)
+  if method == 'native' or (cpu and not (screens and not _is_small(rows))
+                            and cpu_select.available()):
+    if not (jax.default_backend() == 'cpu' and cpu_select.available()):
+      raise ValueError("kNN method 'native' runs on the CPU, with its selection kernel built "
+                       "(snca_jax/cpu_select.py): use 'auto'")
+    return _native_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
+  if method == 'tiled' or (cpu and _is_small(rows) and not screens):
     return _tiled_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
   if method == 'blocked' or (cpu and rows // BLOCK >= k):
     return _blocked_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype, screen=screen)
@@ -496,11 +557,13 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
   (Q, k), replicated. `bank` is (N, D) and `bank_labels` (N,), sharded by rows over the mesh.
   `matmul_dtype=jnp.bfloat16` scores in bfloat16 (float32 accumulation): faster, and the
-  neighbours can differ where similarities nearly tie (the tiled and blocked searches return
-  their float32 similarities). `method`: 'tiled' (all a device's scores for a tile of queries,
+  neighbours can differ where similarities nearly tie (the native, tiled and blocked searches
+  return their float32 similarities). `method`: 'native' (XLA's products, the selection in a CPU
+  kernel, `_native_top_k`), 'tiled' (all a device's scores for a tile of queries,
   `_tiled_top_k`), 'blocked' (two passes over blocks of rows, `_blocked_top_k`), 'chunked' (a
-  running top k over chunks, `_local_top_k`), or 'auto' (on CPUs tiled where a device's rows
-  are few, else blocked where it holds at least k blocks of rows: `_search`). `screen`: whether
+  running top k over chunks, `_local_top_k`), or 'auto' (on CPUs blocked where that screens
+  the bank in bfloat16, else native, or where its kernel cannot be built tiled for few rows
+  and blocked for many: `_search`). `screen`: whether
   the blocked search in float32 screens the bank in bfloat16 first, exactly still ('auto': where
   the CPU multiplies bfloat16 in hardware; 'bfloat16'; 'none'; `_blocked_top_k`)."""
 

@@ -1,11 +1,13 @@
 """Sharded kNN against an exact dense NumPy search."""
 
 import functools
+import os
 
 import jax
 import numpy as np
 import pytest
 
+from snca_jax import cpu_select
 from snca_jax import knn
 from snca_jax import mesh as mesh_lib
 
@@ -81,8 +83,9 @@ def test_top_k_neighbors_returns_the_exact_rows(num_devices):
   np.testing.assert_allclose(np.asarray(sims), np.take_along_axis(q @ bank.T, want, 1), rtol=1e-5)
 
 
-@pytest.mark.parametrize('method,screen', [('tiled', 'none'), ('blocked', 'none'),
-                                           ('blocked', 'bfloat16'), ('chunked', 'none')])
+@pytest.mark.parametrize('method,screen', [('native', 'none'), ('tiled', 'none'),
+                                           ('blocked', 'none'), ('blocked', 'bfloat16'),
+                                           ('chunked', 'none')])
 def test_one_device_returns_the_neighbours_best_first(method, screen):
   """On one device no merge sorts the candidates again: every search returns its k best rows
   best first, as the vote (weights relative to the first) and `nearest` take them."""
@@ -279,27 +282,10 @@ def test_bfloat16_search_returns_float32_similarities():
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
 
 
-@pytest.mark.parametrize('k,num_devices,dtype,count,holes', [
-    (1, 1, 'float32', False, False), (30, 2, 'float32', False, False),
-    (200, 8, 'float32', False, False), (1000, 2, 'float32', False, False),
-    (30, 2, 'bfloat16', False, False), (1, 1, 'float32', True, False),
-    (30, 2, 'float32', True, False), (30, 2, 'bfloat16', True, False),
-    (30, 2, 'float32', False, True), (30, 1, 'float32', True, True)])
-def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes):
-  """The tiled search for small banks (all of a device's scores for a few queries at a time,
-  their k best blocks, then those blocks' k best entries) against brute force, K from 1 to 1,000
-  (beyond a device's blocks: a plain top-k): a bank that no block divides (padded to whole
-  blocks, never returned), padding rows equal to a query (never returned), tiles of queries that
-  do not divide them. With bfloat16 products the similarities returned are the float32 ones of
-  the rows returned, and rows beyond bfloat16's rounding of the K-th best score are brute
-  force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by top-k, and
-  two tiles a step (`knn.PAIRS_FROM_K`).
-  `holes`: padding rows among the others too, in more blocks than `knn.FIX_BLOCKS` (where the
-  block maxima mask every score, not those blocks' alone), the best row of each query among
-  them."""
-  monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
-  monkeypatch.setattr(knn, 'COUNT_FROM_K', 1 if count else 10 ** 9)
-  monkeypatch.setattr(knn, 'PAIRS_FROM_K', 1 if count else 10 ** 9)
+def search_small_bank(k, num_devices, dtype, holes, method):
+  """A small bank searched with `method` and checked against brute force: a bank that no block
+  or chunk divides, padding rows equal to a query (never returned). `holes`: padding rows among
+  the others too, in more blocks than `knn.FIX_BLOCKS`, the best row of each query among them."""
   q, bank, labels, _ = problem(7, Q=7, N=4001, D=16)
   hole = np.zeros(len(bank), bool)
   if holes:
@@ -314,7 +300,7 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes)
   labels_p = np.concatenate([labels, -np.ones(pad, np.int32)])
   sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank_p, mesh_lib.row_sharding(mesh)),
-      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='tiled',
+      jax.device_put(labels_p, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method=method,
       matmul_dtype=jax.numpy.dtype(dtype))
   sims, idx = np.asarray(sims), np.asarray(idx)
   scores = np.where(hole, -np.inf, q @ bank.T)
@@ -327,9 +313,71 @@ def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes)
   margin = 1e-6 if dtype == 'float32' else 2 ** -6
   if dtype == 'float32':
     np.testing.assert_allclose(sims, np.take_along_axis(scores, want, 1), rtol=0, atol=margin)
+  else:
+    assert np.all(np.diff(sims, axis=1) <= 0)             # sorted again by the float32 scores
   kth = np.take_along_axis(scores, want[:, -1:], 1)
   sure = scores > kth + margin
   assert all(set(np.flatnonzero(s)) <= set(i) for s, i in zip(sure, idx))
+
+
+@pytest.mark.parametrize('k,num_devices,dtype,count,holes', [
+    (1, 1, 'float32', False, False), (30, 2, 'float32', False, False),
+    (200, 8, 'float32', False, False), (1000, 2, 'float32', False, False),
+    (30, 2, 'bfloat16', False, False), (1, 1, 'float32', True, False),
+    (30, 2, 'float32', True, False), (30, 2, 'bfloat16', True, False),
+    (30, 2, 'float32', False, True), (30, 1, 'float32', True, True)])
+def test_tiled_search_is_exact(monkeypatch, k, num_devices, dtype, count, holes):
+  """The tiled search for small banks (all of a device's scores for a few queries at a time,
+  their k best blocks, then those blocks' k best entries) against brute force
+  (`search_small_bank`), K from 1 to 1,000 (beyond a device's blocks: a plain top-k), tiles of
+  queries that do not divide them. With bfloat16 products the similarities returned are the
+  float32 ones of the rows returned, and rows beyond bfloat16's rounding of the K-th best score
+  are brute force's. `count`: the best blocks found by counting (`knn.COUNT_FROM_K`), not by
+  top-k, and two tiles a step (`knn.PAIRS_FROM_K`). `holes`: where the block maxima mask every
+  score, not the padding blocks' alone."""
+  monkeypatch.setattr(knn, 'TILE_QUERIES', 3)
+  monkeypatch.setattr(knn, 'COUNT_FROM_K', 1 if count else 10 ** 9)
+  monkeypatch.setattr(knn, 'PAIRS_FROM_K', 1 if count else 10 ** 9)
+  search_small_bank(k, num_devices, dtype, holes, 'tiled')
+
+
+@pytest.mark.parametrize('k,num_devices,dtype,holes,slots', [
+    (1, 1, 'float32', False, 'few'), (30, 2, 'float32', True, 'few'),
+    (200, 8, 'float32', False, 'few'), (1000, 2, 'float32', True, 'default'),
+    (30, 2, 'bfloat16', True, 'default'), (200, 1, 'bfloat16', False, 'few')])
+def test_native_search_is_exact(monkeypatch, k, num_devices, dtype, holes, slots):
+  """The native search (XLA's products, the selection in the CPU kernel `cpu_select.cc`) against
+  brute force (`search_small_bank`), K from 1 to 1,000: tiles of queries that do not divide
+  them, chunks of rows that do not divide a device's (the last overlapping the one before: its
+  rows folded before left out), the reservoir compacted every few rows ('few': room for 3
+  rows beyond the k best) or as it is."""
+  monkeypatch.setattr(knn, 'NATIVE_QUERIES', 3)
+  monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 3 * 96)                  # chunks of 96 rows
+  if slots == 'few':
+    monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 3)
+  search_small_bank(k, num_devices, dtype, holes, 'native')
+
+
+@pytest.mark.parametrize('num_devices', [1, 2])
+def test_native_search_breaks_ties_as_brute_force(monkeypatch, num_devices):
+  """Rows of equal score rank by row, the lower first (brute force's stable order, lax.top_k's):
+  small integer rows, whose products are exact, so that most scores tie, across chunks and
+  compactions."""
+  monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 5 * 64)                  # chunks of 64 rows
+  monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 5)
+  rng = np.random.default_rng(4)
+  q = rng.integers(-1, 2, size=(5, 8)).astype(np.float32)
+  bank = rng.integers(-1, 2, size=(1000, 8)).astype(np.float32)
+  labels = rng.integers(0, 3, size=1000).astype(np.int32)
+  mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
+  for k in (1, 30, 200):
+    sims, idx, _ = top_k_neighbors(
+        jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
+        jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=k, mesh=mesh, method='native')
+    scores = q @ bank.T
+    want = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+    assert np.array_equal(np.asarray(idx), want), k
+    assert np.array_equal(np.asarray(sims), np.take_along_axis(scores, want, 1)), k
 
 
 def test_kth_largest_key_and_first_true():
@@ -360,35 +408,48 @@ def test_kth_largest_key_and_first_true():
     assert np.array_equal(cols, np.stack([np.flatnonzero(a)[:k] for a in above])), k
 
 
-def test_auto_takes_the_tiled_search_for_few_rows_unless_the_screen_would_run(monkeypatch):
-  """On a CPU, 'auto' searches a device's rows with the tiled search where they are at most
-  65,536 and the blocked search would not screen them in bfloat16 (which makes it the faster:
-  K = 1 on 65,536 rows), else with the blocked search."""
+@pytest.mark.parametrize('native', [True, False])
+def test_auto_takes_the_native_search_unless_the_screen_would_run(monkeypatch, native):
+  """On a CPU, 'auto' searches a device's rows with the blocked search where they are over 65,536
+  and it screens them in bfloat16 (which makes it the faster: K = 30 on ImageNet's bank), else
+  with the native search; where its kernel cannot be built, with the tiled search where they
+  are at most 65,536 and would not be screened, else with the blocked one."""
   from snca_jax import hardware
   monkeypatch.setattr(hardware, 'bfloat16_in_hardware', lambda: True)
+  monkeypatch.setattr(cpu_select, 'available', lambda: native)
   calls = []
-  for name in ('_tiled_top_k', '_blocked_top_k'):
+  for name in ('_native_top_k', '_tiled_top_k', '_blocked_top_k'):
     monkeypatch.setattr(knn, name, lambda *a, _f=getattr(knn, name), _n=name, **kw:
                         calls.append(_n) or _f(*a, **kw))
-  for rows, k, dtype, want in ((60_000, 30, 'float32', '_tiled_top_k'),
-                               (60_000, 200, 'bfloat16', '_tiled_top_k'),
-                               (65_536, 1, 'float32', '_blocked_top_k'),
-                               (65_537, 30, 'float32', '_blocked_top_k')):
+  for rows, k, dtype, want, fallback in (
+      (60_000, 30, 'float32', '_native_top_k', '_tiled_top_k'),
+      (60_000, 200, 'bfloat16', '_native_top_k', '_tiled_top_k'),
+      (65_536, 1, 'float32', '_native_top_k', '_blocked_top_k'),
+      (65_537, 30, 'float32', '_native_top_k', '_blocked_top_k'),
+      (1_281_167, 30, 'float32', '_blocked_top_k', '_blocked_top_k'),
+      (1_281_167, 1000, 'float32', '_native_top_k', '_blocked_top_k')):
     calls.clear()
     jax.eval_shape(lambda q, b, l: knn._search(
         q, b, l, k=k, chunk=16384, matmul_dtype=jax.numpy.dtype(dtype), method='auto',
         screen='auto'), jax.ShapeDtypeStruct((8, 16), np.float32),
         jax.ShapeDtypeStruct((rows, 16), np.float32), jax.ShapeDtypeStruct((rows,), np.int32))
-    assert calls == [want], (rows, k, dtype, calls)
+    assert calls == [want if native else fallback], (rows, k, dtype, calls)
+  if not native:
+    with pytest.raises(ValueError, match="'native' runs on the CPU"):
+      jax.eval_shape(lambda q, b, l: knn._search(
+          q, b, l, k=1, chunk=16384, matmul_dtype=np.float32, method='native', screen='auto'),
+          *(jax.ShapeDtypeStruct(s, t) for s, t in (((8, 16), np.float32),
+                                                    ((64, 16), np.float32), ((64,), np.int32))))
 
 
+@pytest.mark.parametrize('method', ['tiled', 'native'])
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
-def test_tiled_search_with_fewer_rows_than_k(dtype):
-  """Where a device holds fewer labelled rows than K, the tiled search returns each labelled row
-  once, with its float32 similarity, and the rest -inf. The case that reaches the columns past
-  the rows (the scores are padded to whole blocks): 97 rows, the best in the last block, which
-  holds that row alone; a column past it, picked as a -inf entry, was the last row again, and
-  scored again in float32 it counted that row twice."""
+def test_search_with_fewer_rows_than_k(dtype, method):
+  """Where a device holds fewer labelled rows than K, the search returns each labelled row
+  once, with its float32 similarity, and the rest -inf. The case that reached the tiled
+  search's columns past the rows (its scores are padded to whole blocks): 97 rows, the best in
+  the last block, which holds that row alone; a column past it, picked as a -inf entry, was the
+  last row again, and scored again in float32 it counted that row twice."""
   q, bank, labels, _ = problem(8, Q=5, N=97, D=16)
   labels = -np.ones(97, np.int32)
   labels[[0, 96]] = [3, 5]
@@ -397,7 +458,7 @@ def test_tiled_search_with_fewer_rows_than_k(dtype):
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   sims, idx, lab = top_k_neighbors(
       jax.numpy.asarray(q), jax.device_put(bank, mesh_lib.row_sharding(mesh)),
-      jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, method='tiled',
+      jax.device_put(labels, mesh_lib.row_sharding(mesh)), k=3, mesh=mesh, method=method,
       matmul_dtype=jax.numpy.dtype(dtype))
   sims, idx = np.asarray(sims), np.asarray(idx)
   assert np.array_equal(idx[:, 0], np.full(5, 96)) and idx.max() < 97     # rows of the bank
@@ -405,3 +466,22 @@ def test_tiled_search_with_fewer_rows_than_k(dtype):
   assert all(sorted(i[:2]) == [0, 96] for i in idx)
   np.testing.assert_allclose(sims[:, :2], np.take_along_axis(q @ bank.T, idx[:, :2], 1),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_selection_kernel_is_built_once_or_says_why_not(monkeypatch, tmp_path, capsys):
+  """`cpu_select` compiles its kernel into the cache once (a second call finds it, and leaves no
+  temporary file); without a compiler, or turned off, the search keeps XLA's top-k and says why
+  on stderr."""
+  monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler')
+  with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
+    cpu_select._build()
+  assert cpu_select.available.__wrapped__() is False
+  assert 'could not be built (no C++ compiler' in capsys.readouterr().err
+  monkeypatch.setenv('SNCA_JAX_CPU_SELECT', '0')
+  assert cpu_select.available.__wrapped__() is False
+  monkeypatch.delenv('CXX')
+  path = cpu_select._build()
+  built = os.stat(path).st_mtime_ns
+  assert cpu_select._build() == path and os.stat(path).st_mtime_ns == built
+  assert os.listdir(tmp_path / 'snca_jax') == [os.path.basename(path)]

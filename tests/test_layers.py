@@ -13,7 +13,7 @@ LAYERS = (
     ('errors', 'schema', 'mesh', 'distributed', 'metrics', 'lookahead', 'hardware'),
     ('cli', 'models', 'optim', 'stop'),
     ('data',),
-    ('validate', 'bank', 'nca_pallas'),
+    ('validate', 'bank', 'nca_pallas', 'cpu_select'),
     ('nca', 'knn', 'state'),
     ('checkpoint', 'step'),
     ('evaluators',),

@@ -1,0 +1,154 @@
+// The kNN search's selection on the CPU, as an XLA FFI custom call (snca_jax/cpu_select.py).
+//
+// XLA scores a tile of queries against a chunk of bank rows; this folds those scores into
+// every query's running selection: a reservoir of slots holding the best rows so far and the
+// rows that may still belong with them, and a threshold, the k-th best score of the last
+// compaction, below which no row can be among the k best. A row enters only if its score beats
+// the threshold, which a vectorised scan of 64 scores at a time rules out for nearly all rows;
+// when the slots are full, nth_element keeps the k best and raises the threshold. Each query's
+// k best are sorted once, after the last chunk. The queries of a tile are shared among XLA's
+// intra-op threads.
+//
+// A slot holds a score and its row as one 64-bit key, larger = better: the score's bits made
+// order-preserving in the high word, the row's complement in the low word, so that equal
+// scores rank the lower row first (brute force's order, and lax.top_k's).
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+inline uint64_t Key(float score, uint32_t row) {
+  uint32_t u;
+  std::memcpy(&u, &score, 4);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (uint64_t(u) << 32) | uint32_t(~row);
+}
+
+inline float Score(uint64_t key) {
+  uint32_t u = uint32_t(key >> 32);
+  u = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
+  float score;
+  std::memcpy(&score, &u, 4);
+  return score;
+}
+
+// The k best of keys[0:n] into keys[0:k]; returns the k-th best score.
+inline float Compact(uint64_t* keys, int64_t n, int64_t k) {
+  std::nth_element(keys, keys + (k - 1), keys + n, std::greater<uint64_t>());
+  return Score(keys[k - 1]);
+}
+
+// One query: `scores` of rows base + [0, c) (labels below 0: padding, or rows folded before,
+// never taken) into its `m` slots; meta = {slots filled, threshold's bits}. `last`: its k best,
+// sorted, into the first k slots (slots no row filled: -inf, row 0).
+void FoldQuery(const float* scores, const int32_t* labels, int64_t c, uint32_t base,
+               uint64_t* keys, int32_t* meta, int64_t k, int64_t m, bool last) {
+  int64_t n = meta[0];
+  float thr;
+  std::memcpy(&thr, meta + 1, 4);
+  // Strictly above: a later row equal to the threshold ranks below the row that set it.
+  auto take = [&](int64_t a, int64_t b) {
+    for (int64_t j = a; j < b; ++j) {
+      if (scores[j] > thr && labels[j] >= 0) {
+        keys[n] = Key(scores[j], base + uint32_t(j));
+        if (++n == m) {
+          thr = Compact(keys, n, k);
+          n = k;
+        }
+      }
+    }
+  };
+  constexpr int64_t kWidth = 64;
+  int64_t j = 0;
+  for (; j + kWidth <= c; j += kWidth) {
+    int any = 0;
+    for (int64_t t = 0; t < kWidth; ++t) any |= scores[j + t] > thr;
+    if (any) take(j, j + kWidth);
+  }
+  take(j, c);
+  if (last) {
+    if (n > k) {
+      Compact(keys, n, k);
+      n = k;
+    }
+    std::sort(keys, keys + n, std::greater<uint64_t>());
+    for (int64_t s = n; s < k; ++s) keys[s] = Key(-__builtin_inff(), 0);
+  }
+  meta[0] = int32_t(n);
+  std::memcpy(meta + 1, &thr, 4);
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::mutex mu;
+  std::condition_variable all_done;
+};
+
+// scores (T, C) f32; labels (C,) s32; keys (T, 2m) u32, read as (T, m) u64; meta (T, 2) s32;
+// bounds {the chunk's first row, whether the chunk is the last}.
+ffi::Error Fold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::S32> labels,
+                ffi::Buffer<ffi::U32> keys_in, ffi::Buffer<ffi::S32> meta_in,
+                ffi::Buffer<ffi::S32> bounds, int64_t k, ffi::ResultBuffer<ffi::U32> keys_out,
+                ffi::ResultBuffer<ffi::S32> meta_out) {
+  const int64_t t = scores.dimensions()[0], c = scores.dimensions()[1];
+  const int64_t m = keys_in.dimensions()[1] / 2;
+  if (k < 1 || k > m || labels.dimensions()[0] != c || meta_in.dimensions()[1] != 2 ||
+      bounds.element_count() != 2)
+    return ffi::Error::InvalidArgument("snca_cpu_select: inconsistent shapes");
+  const int32_t* b = bounds.typed_data();
+  const int64_t base = b[0];
+  const bool last = b[1] != 0;
+  uint32_t* keys = keys_out->typed_data();
+  int32_t* meta = meta_out->typed_data();
+  if (keys != keys_in.typed_data()) std::copy_n(keys_in.typed_data(), t * 2 * m, keys);
+  if (meta != meta_in.typed_data()) std::copy_n(meta_in.typed_data(), t * 2, meta);
+  const float* s = scores.typed_data();
+  const int32_t* l = labels.typed_data();
+  uint64_t* slots = reinterpret_cast<uint64_t*>(keys);
+  // The caller works too, so the tile is done even if no other thread is free; the state is
+  // shared, so that a helper that starts late finds nothing left and touches nothing else.
+  auto progress = std::make_shared<Progress>();
+  auto work = [=](Progress& p) {
+    int64_t q, mine = 0;
+    while ((q = p.next.fetch_add(1)) < t) {
+      FoldQuery(s + q * c, l, c, uint32_t(base), slots + q * m, meta + 2 * q, k, m, last);
+      ++mine;
+    }
+    if (mine && p.done.fetch_add(mine) + mine == t) {
+      std::lock_guard<std::mutex> lock(p.mu);
+      p.all_done.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), t - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([progress, work] { work(*progress); });
+  work(*progress);
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->all_done.wait(lock, [&] { return progress->done.load() == t; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SncaCpuSelect, Fold,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("k")
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
