@@ -12,12 +12,13 @@
          products for 2,048 queries x 2,048 rows at a time, each tile's scores folded into
          every query's running selection by a CPU kernel, snca_jax/cpu_select.cc)
   ours_f32   the same with the screen off (screen='none')
-  screened   the same with the screen wherever it can run (screen='bfloat16')
+  screened   the blocked search with the screen wherever it can run (method='blocked',
+             screen='bfloat16')
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
   native     the native search, whatever 'auto' would choose (method='native')
   tiled      the tiled search of small banks (method='tiled'), 'auto' before the native one:
              all the scores of 64 queries at a time, selected from by XLA while in cache
-  blocked    the two-pass search (method='blocked'), with the screen where 'auto' would
+  blocked    the two-pass search (method='blocked'), screened where 'auto' would screen
   chunked    the search before (method='chunked'): a running top-k over chunks of 16,384 rows
   faiss  faiss-cpu IndexFlatIP (exact inner-product search) + the same weighted vote in numpy
 
@@ -243,7 +244,7 @@ def main(argv=None):
 
   methods = [m for m in (('ours', np.float32, 'auto', 'auto'),
                          ('ours_f32', np.float32, 'auto', 'none'),
-                         ('screened', np.float32, 'auto', 'bfloat16'),
+                         ('screened', np.float32, 'blocked', 'bfloat16'),
                          ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
                          ('native', np.float32, 'native', 'auto'),
                          ('tiled', np.float32, 'tiled', 'auto'),
