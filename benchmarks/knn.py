@@ -9,7 +9,7 @@
          large beside K, the blocked search screening the bank in bfloat16 with a proof
          (block maxima from cache-sized tiles of scores, then the best blocks' rows scored
          again in float32); otherwise the native search (method='native': XLA's float32
-         products for 2,048 queries x 2,048 rows at a time, each tile's scores folded into
+         products for 1,024 queries x 1,024 rows at a time, each tile's scores folded into
          every query's running selection by a CPU kernel, snca_jax/cpu_select.cc)
   ours_f32   the same with the screen off (screen='none')
   screened   the blocked search with the screen wherever it can run (method='blocked',
@@ -166,6 +166,11 @@ def main(argv=None):
                  help='block maxima selected at a time (default: knn.GROUP_BLOCKS)')
   p.add_argument('--tile_queries', type=int, default=0,
                  help='queries a tile of the tiled search (default: knn.TILE_QUERIES)')
+  p.add_argument('--native_queries', type=int, default=0,
+                 help='queries a tile of the native search (default: knn.NATIVE_QUERIES)')
+  p.add_argument('--native_tile_mb', type=int, default=0,
+                 help='MB of scores a tile of the native search (default: '
+                 'knn.NATIVE_TILE_BYTES)')
   p.add_argument('--count_from_k', type=int, default=0,
                  help='the tiled search finds its best blocks by counting from this K up, by '
                  'top-k below it (default: knn.COUNT_FROM_K)')
@@ -189,6 +194,8 @@ def main(argv=None):
   knn.BLOCK = args.block or knn.BLOCK
   knn.TILE_QUERIES = args.tile_queries or knn.TILE_QUERIES
   knn.COUNT_FROM_K = args.count_from_k or knn.COUNT_FROM_K
+  knn.NATIVE_QUERIES = args.native_queries or knn.NATIVE_QUERIES
+  knn.NATIVE_TILE_BYTES = (args.native_tile_mb << 20) or knn.NATIVE_TILE_BYTES
   knn.GROUP_BLOCKS = args.group_blocks or knn.GROUP_BLOCKS
 
   rng = np.random.default_rng(0)
@@ -259,7 +266,8 @@ def main(argv=None):
           f'CPU x{os.cpu_count()} ({distributed.processor()}), median of {args.repeats} '
           f'rounds; blocks of {knn.BLOCK}, {knn.GROUP_BLOCKS:,} maxima a group, '
           f'{knn.TILE_QUERIES} queries a tile (small banks), counted from K = '
-          f'{knn.COUNT_FROM_K}; bfloat16 '
+          f'{knn.COUNT_FROM_K}; native tiles of {knn.NATIVE_QUERIES} queries x '
+          f'{knn.NATIVE_TILE_BYTES >> 20} MB; bfloat16 '
           f"products in hardware: {'yes' if hardware.bfloat16_in_hardware() else 'no'}")
     print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")

@@ -408,8 +408,18 @@ def _rescored(qt, bank, labels, vals, idx):
 
 
 # The native search (`_native_top_k`): NATIVE_QUERIES queries a tile, each scored against
-# chunks of rows of about TILE_BYTES of float32 scores (2,048 rows for 2,048 queries).
-NATIVE_QUERIES = 2048
+# chunks of rows of about NATIVE_TILE_BYTES of float32 scores (1,024 rows for 1,024 queries).
+# Tiles of 2,048 x 2,048 were 1-7% slower on the demo's embeddings (BENCHMARKS.md, kNN search).
+NATIVE_QUERIES = 1024
+NATIVE_TILE_BYTES = 2 ** 22
+# Where the native search is built, 'auto' screens a device's rows in bfloat16 (the blocked
+# search) only where the rows scored again are at most a NATIVE_SCREEN_SHARE-th of them.
+# ImageNet's bank, 2,048 queries, one device, 2-core AMD EPYC, screened / native
+# (benchmarks/knn.py, BENCHMARKS.md): K = 30 (a 527th) 2.53 / 3.35 s, K = 50 (a 345th) 2.93 /
+# 3.72, K = 100 (a 185th) 3.77 / 3.46, K = 200 (a 96th) 3.87 / 3.50. On a bank of at most
+# 65,536 rows it is at most a 113th: the native search (the demo's embeddings, K = 1: the
+# screen keeps many rows there).
+NATIVE_SCREEN_SHARE = 256
 
 
 def _native_top_k(q, bank, labels, *, k, matmul_dtype):
@@ -421,7 +431,7 @@ def _native_top_k(q, bank, labels, *, k, matmul_dtype):
   n, dim = bank.shape
   nq = q.shape[0]
   tile = min(nq, NATIVE_QUERIES)
-  chunk = min(n, max(BLOCK, TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
+  chunk = min(n, max(BLOCK, NATIVE_TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
 
   def one(qt):
     qm = qt.astype(matmul_dtype)
@@ -523,13 +533,12 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
 def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   """This device's k best rows: the native search ('native': XLA's products, the selection in a
   CPU kernel), the tiled search for small banks ('tiled'), the blocked one ('blocked'), or the
-  chunked one ('chunked'). 'auto' on CPUs: for many rows (not `_is_small`) the blocked search
-  where it screens them in bfloat16 (`_screens`: its bfloat16 products make it the faster, as
-  for K = 30 on ImageNet's bank: BENCHMARKS.md), else the native search where its kernel is
-  built (`cpu_select.available`; on few rows also where the screen would run: on the demo's
-  60,000 rows of embeddings the screen keeps many rows for K = 1); else as before it: the tiled
-  search where the device's rows are few and would not be screened, the blocked one where it
-  holds at least k blocks of rows
+  chunked one ('chunked'). 'auto' on CPUs: the blocked search where it screens the rows in
+  bfloat16 (`_screens`) and the rows it scores again are at most a NATIVE_SCREEN_SHARE-th of
+  the device's (its bfloat16 products then make it the faster, as for K = 30 on ImageNet's
+  bank), else the native search where its kernel is built (`cpu_select.available`); else as
+  before it: the tiled search where the device's rows are few (`_is_small`) and would not be
+  screened, the blocked one where it holds at least k blocks of rows
   (accelerators keep the chunked one, whose few large products suit them, until the others are
   timed there). `screen`: `_screens`'s."""
   k = min(k, bank.shape[0])
@@ -539,8 +548,8 @@ def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   rows = bank.shape[0]
   cpu = method == 'auto' and jax.default_backend() == 'cpu'
   screens = _screens(rows, k, matmul_dtype, screen)
-  if method == 'native' or (cpu and not (screens and not _is_small(rows))
-                            and cpu_select.available()):
+  screen_first = screens and SCREEN_BLOCKS(k) * BLOCK * NATIVE_SCREEN_SHARE <= rows
+  if method == 'native' or (cpu and not screen_first and cpu_select.available()):
     if not (jax.default_backend() == 'cpu' and cpu_select.available()):
       raise ValueError("kNN method 'native' runs on the CPU, with its selection kernel built "
                        "(snca_jax/cpu_select.py): use 'auto'")

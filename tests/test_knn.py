@@ -352,7 +352,7 @@ def test_native_search_is_exact(monkeypatch, k, num_devices, dtype, holes, slots
   rows folded before left out), the reservoir compacted every few rows ('few': room for 3
   rows beyond the k best) or as it is."""
   monkeypatch.setattr(knn, 'NATIVE_QUERIES', 3)
-  monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 3 * 96)                  # chunks of 96 rows
+  monkeypatch.setattr(knn, 'NATIVE_TILE_BYTES', 4 * 3 * 96)           # chunks of 96 rows
   if slots == 'few':
     monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 3)
   search_small_bank(k, num_devices, dtype, holes, 'native')
@@ -363,7 +363,7 @@ def test_native_search_breaks_ties_as_brute_force(monkeypatch, num_devices):
   """Rows of equal score rank by row, the lower first (brute force's stable order, lax.top_k's):
   small integer rows, whose products are exact, so that most scores tie, across chunks and
   compactions."""
-  monkeypatch.setattr(knn, 'TILE_BYTES', 4 * 5 * 64)                  # chunks of 64 rows
+  monkeypatch.setattr(knn, 'NATIVE_TILE_BYTES', 4 * 5 * 64)           # chunks of 64 rows
   monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 5)
   rng = np.random.default_rng(4)
   q = rng.integers(-1, 2, size=(5, 8)).astype(np.float32)
@@ -410,10 +410,11 @@ def test_kth_largest_key_and_first_true():
 
 @pytest.mark.parametrize('native', [True, False])
 def test_auto_takes_the_native_search_unless_the_screen_would_run(monkeypatch, native):
-  """On a CPU, 'auto' searches a device's rows with the blocked search where they are over 65,536
-  and it screens them in bfloat16 (which makes it the faster: K = 30 on ImageNet's bank), else
-  with the native search; where its kernel cannot be built, with the tiled search where they
-  are at most 65,536 and would not be screened, else with the blocked one."""
+  """On a CPU, 'auto' searches a device's rows with the blocked search where it screens them in
+  bfloat16 and scores again at most a `knn.NATIVE_SCREEN_SHARE`-th of them (which makes it the
+  faster: K = 30 on ImageNet's bank, not K = 200), else with the native search; where its
+  kernel cannot be built, with the tiled search where they are at most 65,536 and would not be
+  screened, else with the blocked one."""
   from snca_jax import hardware
   monkeypatch.setattr(hardware, 'bfloat16_in_hardware', lambda: True)
   monkeypatch.setattr(cpu_select, 'available', lambda: native)
@@ -427,6 +428,7 @@ def test_auto_takes_the_native_search_unless_the_screen_would_run(monkeypatch, n
       (65_536, 1, 'float32', '_native_top_k', '_blocked_top_k'),
       (65_537, 30, 'float32', '_native_top_k', '_blocked_top_k'),
       (1_281_167, 30, 'float32', '_blocked_top_k', '_blocked_top_k'),
+      (1_281_167, 200, 'float32', '_native_top_k', '_blocked_top_k'),
       (1_281_167, 1000, 'float32', '_native_top_k', '_blocked_top_k')):
     calls.clear()
     jax.eval_shape(lambda q, b, l: knn._search(
