@@ -68,14 +68,17 @@ def parts_of_search(queries, bank, labels, k, repeats):
   (float32 and bfloat16; their maxima summed away), the same reduced to block maxima, the
   first pass with its running selection of blocks (`knn._block_pass`, as the plain search
   and the screened one call it), and the whole searches; the differences are the block
-  maxima's, the selection's and the rescoring's costs. On a small bank (`knn._is_small`) also
-  the tiled search's products with their block maxima, and the whole tiled search: the
-  difference is its selection."""
+  maxima's, the selection's and the rescoring's costs. Where the native search is built, its
+  products in its tiles (a maximum over each tile's rows taken, so that its scores are read
+  once, as its kernel reads them) and the whole native search: the difference is the kernel's
+  selection. On a small bank (`knn._is_small`) also the tiled search's products with their
+  block maxima, and the whole tiled search: the difference is its selection."""
   import functools
 
   import jax
   import jax.numpy as jnp
   from snca_jax import bank as bank_lib
+  from snca_jax import cpu_select
   from snca_jax import knn
   bank, labels = jax.device_get(bank), jax.device_get(labels)
   q, bank, labels = jnp.asarray(queries), jnp.asarray(bank), jnp.asarray(labels)
@@ -106,6 +109,22 @@ def parts_of_search(queries, bank, labels, k, repeats):
       return jax.lax.map(one, q[:nq // tile * tile].reshape(-1, tile, q.shape[1]))
     return jax.jit(products)
 
+  def native_products(dtype):
+    """The native search's products (NATIVE_QUERIES queries against a chunk of rows at a time),
+    each tile's scores read once by a maximum over its rows, summed away."""
+    tile = min(nq, knn.NATIVE_QUERIES)
+    rows = min(full, max(knn.BLOCK, knn.NATIVE_TILE_BYTES // (4 * tile) // knn.BLOCK * knn.BLOCK))
+
+    def products(q, b, _):
+      def one(qt):
+        def fold(carry, _rows, _fresh, chunk_rows):
+          sims = jnp.einsum('qd,cd->qc', qt.astype(dtype), chunk_rows.astype(dtype),
+                            preferred_element_type=jnp.float32)
+          return carry + jnp.max(sims, axis=1)
+        return bank_lib.scan_chunks(fold, jnp.zeros(tile), (b,), rows)
+      return jax.lax.map(one, q[:nq // tile * tile].reshape(-1, tile, q.shape[1]))
+    return jax.jit(products)
+
   def block_pass(dtype, keep):
     return jax.jit(lambda q, b, l: knn._block_pass(q, b, l, keep=keep, matmul_dtype=dtype,
                                                     full=full))
@@ -127,6 +146,11 @@ def parts_of_search(queries, bank, labels, k, repeats):
     rows[7:7] = [(f'first pass, bfloat16, {knn.SCREEN_BLOCKS(k) + 1} blocks (screened)',
                   block_pass(bf16, knn.SCREEN_BLOCKS(k) + 1))]
     rows.append(('screened search', whole(knn._screened_top_k)))
+  if cpu_select.available():
+    rows += [('native: products + a pass over them, float32', native_products(f32)),
+             ('native: products + a pass over them, bfloat16', native_products(bf16)),
+             ('native search, float32', whole(knn._native_top_k, matmul_dtype=f32)),
+             ('native search, bfloat16', whole(knn._native_top_k, matmul_dtype=bf16))]
   if knn._is_small(bank.shape[0]):
     rows += [('tiled: products + block maxima, float32', tiled_maxima(f32)),
              ('tiled: products + block maxima, bfloat16', tiled_maxima(bf16)),

@@ -97,16 +97,18 @@ def test_nca_step_against_torch_and_dense():
 
 def test_knn_finds_faiss_neighbours():
   """Exact search: in float32 ours finds the same K neighbours as faiss's exact index (ties
-  aside), and classifies every query alike, the tiled search and the blocked one; their
-  constants from the command line, and only the methods asked for (one process: the suite's time)."""
-  out = run(sys.executable, 'benchmarks/knn.py', '--smoke', '--methods=ours,ours_bf16,blocked',
-            '--block=16', '--group_blocks=64', '--tile_queries=8', '--count_from_k=1')
+  aside), and classifies every query alike, as do the tiled search and the blocked one; their
+  constants from the command line, and only the methods asked for (one process: the suite's
+  time)."""
+  out = run(sys.executable, 'benchmarks/knn.py', '--smoke',
+            '--methods=ours,ours_bf16,tiled,blocked', '--block=16', '--group_blocks=64',
+            '--tile_queries=8', '--count_from_k=1', '--native_queries=16', '--native_tile_mb=1')
   assert out.count('blocks of 16, 64 maxima a group, 8 queries a tile (small banks), counted '
-                   'from K = 1;') == 2                                            # K = 30, 200
-  # ours: the tiled search on the smoke run's small bank; blocked: the two-pass one
-  rows = re.findall(r'^(?:ours|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%', out,
-                    re.M)
-  assert len(rows) == 4, out
+                   'from K = 1; native tiles of 16 queries x 1 MB;') == 2          # K = 30, 200
+  # ours: the native search on the smoke run's small bank; tiled; blocked: the two-pass one
+  rows = re.findall(r'^(?:ours|tiled|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%',
+                    out, re.M)
+  assert len(rows) == 6, out
   assert all(float(overlap) >= 99.5 and float(same) == 100.0 for overlap, same in rows)
   assert len(re.findall(r'^ours_bf16\s', out, re.M)) == 2
   assert not re.search(r'^chunked\s', out, re.M)
@@ -114,8 +116,8 @@ def test_knn_finds_faiss_neighbours():
 
 def test_knn_on_exported_embeddings(tmp_path):
   """`--embeddings` reads what `eval_knn.py --export` writes, and the screened search finds
-  faiss's neighbours there; `--parts` says where its time goes (the tiled search's too, on
-  this small bank)."""
+  faiss's neighbours there; `--parts` says where its time goes (the native search's and, on
+  this small bank, the tiled search's too)."""
   rng = np.random.default_rng(0)
   unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   bank = unit(rng.normal(size=(3000, 16)))
@@ -129,7 +131,10 @@ def test_knn_on_exported_embeddings(tmp_path):
   assert 'where the time goes, K=5, 32 queries, one device, 2,976 rows in blocks of 32' in out
   parts = re.findall(r'^  (\S.*\S)\s+[\d.]+ s$', out, re.M)
   assert parts[0] == 'the bank read once (summed)' and 'screened search' in parts, out
-  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 15, out
+  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 19, out
+  assert parts[-8:-4] == ['native: products + a pass over them, float32',
+                          'native: products + a pass over them, bfloat16',
+                          'native search, float32', 'native search, bfloat16'], out
   assert parts[-4:] == ['tiled: products + block maxima, float32',      # a small bank
                         'tiled: products + block maxima, bfloat16',
                         'tiled search, float32', 'tiled search, bfloat16'], out
