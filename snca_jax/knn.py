@@ -562,6 +562,19 @@ def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   return _local_top_k(q, bank, labels, k=k, chunk=chunk, matmul_dtype=matmul_dtype)
 
 
+def _merge(vals, k):
+  """The k best of the (Q, n) candidates gathered from the devices: (values, columns), best
+  first, ties to the lower column (each device's candidates best first, the devices in the
+  order of their rows: so ties go to the lower row). On CPUs with the selection kernel built
+  (`cpu_select`), by it: XLA's CPU top-k sorts on one thread."""
+  k = min(k, vals.shape[1])
+  if jax.default_backend() == 'cpu' and cpu_select.available():
+    state = cpu_select.fold(cpu_select.init(vals.shape[0], k), vals,
+                            jnp.zeros(vals.shape[1], jnp.int32), jnp.int32(0), True, k=k)
+    return cpu_select.result(state, k)
+  return jax.lax.top_k(vals, k)
+
+
 def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
                     matmul_dtype=jnp.float32, method='auto', screen='auto'):
   """The k most similar bank rows of every query: (similarities, row indices, labels), each
@@ -585,7 +598,7 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
       return cands                         # top-k of k entries sorts them all again)
     vals, idx, labels = (jax.lax.all_gather(x, mesh_lib.DATA, axis=1, tiled=True)
                          for x in cands)                          # (Q, k x devices)
-    vals, pick = jax.lax.top_k(vals, min(k, vals.shape[1]))      # merge
+    vals, pick = _merge(vals, k)
     return (vals, jnp.take_along_axis(idx, pick, axis=1),
             jnp.take_along_axis(labels, pick, axis=1))
 
