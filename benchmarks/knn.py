@@ -112,8 +112,7 @@ def parts_of_search(queries, bank, labels, k, repeats):
   def native_products(dtype):
     """The native search's products (NATIVE_QUERIES queries against a chunk of rows at a time),
     each tile's scores read once by a maximum over its rows, summed away."""
-    tile = min(nq, knn.NATIVE_QUERIES)
-    rows = min(full, max(knn.BLOCK, knn.NATIVE_TILE_BYTES // (4 * tile) // knn.BLOCK * knn.BLOCK))
+    tile, per_chunk = knn._native_tiling(bank.shape[0], nq)
 
     def products(q, b, _):
       def one(qt):
@@ -121,7 +120,7 @@ def parts_of_search(queries, bank, labels, k, repeats):
           sims = jnp.einsum('qd,cd->qc', qt.astype(dtype), chunk_rows.astype(dtype),
                             preferred_element_type=jnp.float32)
           return carry + jnp.max(sims, axis=1)
-        return bank_lib.scan_chunks(fold, jnp.zeros(tile), (b,), rows)
+        return bank_lib.scan_chunks(fold, jnp.zeros(tile), (b,), per_chunk)
       return jax.lax.map(one, q[:nq // tile * tile].reshape(-1, tile, q.shape[1]))
     return jax.jit(products)
 

@@ -416,11 +416,17 @@ NATIVE_TILE_BYTES = 2 ** 22
 # Where the native search is built, 'auto' screens a device's rows in bfloat16 (the blocked
 # search) only where the rows scored again are at most a NATIVE_SCREEN_SHARE-th of them.
 # ImageNet's bank, 2,048 queries, one device, 2-core AMD EPYC, screened / native
-# (benchmarks/knn.py, BENCHMARKS.md): K = 30 (a 527th) 2.53 / 3.35 s, K = 50 (a 345th) 2.93 /
-# 3.72, K = 100 (a 185th) 3.77 / 3.46, K = 200 (a 96th) 3.87 / 3.50. On a bank of at most
+# (benchmarks/knn.py, BENCHMARKS.md): K = 30 (a 527th) 2.66 / 3.41 s, K = 50 (a 345th) 2.93 /
+# 3.72, K = 100 (a 185th) 3.77 / 3.46, K = 200 (a 96th) 4.16 / 3.56. On a bank of at most
 # 65,536 rows it is at most a 113th: the native search (the demo's embeddings, K = 1: the
 # screen keeps many rows there).
 NATIVE_SCREEN_SHARE = 256
+
+
+def _native_tiling(rows, nq):
+  """(queries a tile, rows a chunk) of the native search over `rows` rows for `nq` queries."""
+  tile = min(nq, NATIVE_QUERIES)
+  return tile, min(rows, max(BLOCK, NATIVE_TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
 
 
 def _native_top_k(q, bank, labels, *, k, matmul_dtype):
@@ -431,8 +437,7 @@ def _native_top_k(q, bank, labels, *, k, matmul_dtype):
   similarities returned are float32's."""
   n, dim = bank.shape
   nq = q.shape[0]
-  tile = min(nq, NATIVE_QUERIES)
-  chunk = min(n, max(BLOCK, NATIVE_TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
+  tile, chunk = _native_tiling(n, nq)
 
   def one(qt):
     qm = qt.astype(matmul_dtype)

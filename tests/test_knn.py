@@ -472,8 +472,8 @@ def test_search_with_fewer_rows_than_k(dtype, method):
 
 def test_selection_kernel_is_built_once_or_says_why_not(monkeypatch, tmp_path, capsys):
   """`cpu_select` compiles its kernel into the cache once (a second call finds it, and leaves no
-  temporary file); without a compiler, or turned off, the search keeps XLA's top-k and says why
-  on stderr."""
+  temporary file); without a compiler (saying why on stderr), or turned off, it is not
+  available, and the search keeps XLA's top-k."""
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
   monkeypatch.setenv('CXX', 'no-such-compiler')
   with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
