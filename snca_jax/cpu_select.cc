@@ -4,10 +4,12 @@
 // every query's running selection: a reservoir of slots holding the best rows so far and the
 // rows that may still belong with them, and a threshold, the k-th best score of the last
 // compaction, below which no row can be among the k best. A row enters only if its score beats
-// the threshold, which a vectorised scan of 64 scores at a time rules out for nearly all rows;
-// when the slots are full, nth_element keeps the k best and raises the threshold. Each query's
-// k best are sorted once, after the last chunk. The queries of a tile are shared among XLA's
-// intra-op threads.
+// the threshold, which a vectorised scan of 64 scores at a time rules out for nearly all rows
+// (AVX-512 or AVX2 compares into a bit mask, whose set bits alone are visited); when the slots
+// are full, nth_element keeps the k best and raises the threshold. Each query's k best are
+// sorted once, after the last chunk. The queries of a tile are shared among XLA's intra-op
+// threads. A second call (Rescore) scores a selection made with bfloat16 products again in
+// float32, from the bank's rows, and sorts it again.
 //
 // A slot holds a score and its row as one 64-bit key, larger = better: the score's bits made
 // order-preserving in the high word, the row's complement in the low word, so that equal
@@ -21,6 +23,10 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -49,6 +55,33 @@ inline float Compact(uint64_t* keys, int64_t n, int64_t k) {
   return Score(keys[k - 1]);
 }
 
+// Bit t: whether scores[t] > thr, for t in [0, 64) (false for NaN).
+inline uint64_t Above64(const float* scores, float thr) {
+#if defined(__AVX512F__)
+  const __m512 v = _mm512_set1_ps(thr);
+  uint64_t bits = 0;
+  for (int i = 0; i < 4; ++i)
+    bits |= uint64_t(_mm512_cmp_ps_mask(_mm512_loadu_ps(scores + 16 * i), v, _CMP_GT_OQ))
+            << (16 * i);
+  return bits;
+#elif defined(__AVX2__)
+  const __m256 v = _mm256_set1_ps(thr);
+  uint64_t bits = 0;
+  for (int i = 0; i < 8; ++i)
+    bits |= uint64_t(uint32_t(_mm256_movemask_ps(
+                _mm256_cmp_ps(_mm256_loadu_ps(scores + 8 * i), v, _CMP_GT_OQ))))
+            << (8 * i);
+  return bits;
+#else
+  int any = 0;                                  // vectorised by the compiler: most blocks stop
+  for (int t = 0; t < 64; ++t) any |= scores[t] > thr;
+  if (!any) return 0;
+  uint64_t bits = 0;
+  for (int t = 0; t < 64; ++t) bits |= uint64_t(scores[t] > thr) << t;
+  return bits;
+#endif
+}
+
 // One query: `scores` of rows base + [0, c) (labels below 0: padding, or rows folded before,
 // never taken) into its `m` slots; meta = {slots filled, threshold's bits}. `last`: its k best,
 // sorted, into the first k slots (slots no row filled: -inf, row 0).
@@ -57,26 +90,22 @@ void FoldQuery(const float* scores, const int32_t* labels, int64_t c, uint32_t b
   int64_t n = meta[0];
   float thr;
   std::memcpy(&thr, meta + 1, 4);
-  // Strictly above: a later row equal to the threshold ranks below the row that set it.
-  auto take = [&](int64_t a, int64_t b) {
-    for (int64_t j = a; j < b; ++j) {
-      if (scores[j] > thr && labels[j] >= 0) {
-        keys[n] = Key(scores[j], base + uint32_t(j));
-        if (++n == m) {
-          thr = Compact(keys, n, k);
-          n = k;
-        }
+  // Strictly above: a later row equal to the threshold ranks below the row that set it. The
+  // threshold may have risen since a block's mask was taken: checked again.
+  auto take = [&](int64_t j) {
+    if (scores[j] > thr && labels[j] >= 0) {
+      keys[n] = Key(scores[j], base + uint32_t(j));
+      if (++n == m) {
+        thr = Compact(keys, n, k);
+        n = k;
       }
     }
   };
-  constexpr int64_t kWidth = 64;
   int64_t j = 0;
-  for (; j + kWidth <= c; j += kWidth) {
-    int any = 0;
-    for (int64_t t = 0; t < kWidth; ++t) any |= scores[j + t] > thr;
-    if (any) take(j, j + kWidth);
-  }
-  take(j, c);
+  for (; j + 64 <= c; j += 64)
+    for (uint64_t bits = Above64(scores + j, thr); bits; bits &= bits - 1)
+      take(j + __builtin_ctzll(bits));
+  for (; j < c; ++j) take(j);
   if (last) {
     if (n > k) {
       Compact(keys, n, k);
@@ -95,6 +124,30 @@ struct Progress {
   std::mutex mu;
   std::condition_variable all_done;
 };
+
+// fn(q) for q in [0, t), shared among the pool's threads. The caller works too, so the work is
+// done even if no other thread is free; the state is shared, so that a helper that starts late
+// finds nothing left and touches nothing else.
+template <typename Fn>
+void ForEachQuery(ffi::ThreadPool& pool, int64_t t, Fn fn) {
+  auto progress = std::make_shared<Progress>();
+  auto work = [=](Progress& p) {
+    int64_t q, mine = 0;
+    while ((q = p.next.fetch_add(1)) < t) {
+      fn(q);
+      ++mine;
+    }
+    if (mine && p.done.fetch_add(mine) + mine == t) {
+      std::lock_guard<std::mutex> lock(p.mu);
+      p.all_done.notify_all();
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), t - 1);
+  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([progress, work] { work(*progress); });
+  work(*progress);
+  std::unique_lock<std::mutex> lock(progress->mu);
+  progress->all_done.wait(lock, [&] { return progress->done.load() == t; });
+}
 
 // scores (T, C) f32; labels (C,) s32; keys (T, 2m) u32, read as (T, m) u64; meta (T, 2) s32;
 // bounds {the chunk's first row, whether the chunk is the last}.
@@ -117,25 +170,58 @@ ffi::Error Fold(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<
   const float* s = scores.typed_data();
   const int32_t* l = labels.typed_data();
   uint64_t* slots = reinterpret_cast<uint64_t*>(keys);
-  // The caller works too, so the tile is done even if no other thread is free; the state is
-  // shared, so that a helper that starts late finds nothing left and touches nothing else.
-  auto progress = std::make_shared<Progress>();
-  auto work = [=](Progress& p) {
-    int64_t q, mine = 0;
-    while ((q = p.next.fetch_add(1)) < t) {
-      FoldQuery(s + q * c, l, c, uint32_t(base), slots + q * m, meta + 2 * q, k, m, last);
-      ++mine;
+  ForEachQuery(pool, t, [=](int64_t q) {
+    FoldQuery(s + q * c, l, c, uint32_t(base), slots + q * m, meta + 2 * q, k, m, last);
+  });
+  return ffi::Error::Success();
+}
+
+// The dot product of two float32 rows of d, in 16 partial sums (which the compiler vectorises).
+inline float Dot(const float* a, const float* b, int64_t d) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[i + j] * b[i + j];
+  float sum = 0;
+  for (; i < d; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < 16; ++j) sum += acc[j];
+  return sum;
+}
+
+// queries (T, D) f32; bank (N, D) f32; found (T, K) f32 and rows (T, K) s32: each query's
+// selection made with other scores (bfloat16 products). Out: the same rows scored again in
+// float32 and sorted again, best first, ties to the lower row; entries found at -inf (slots no
+// row filled) stay -inf, after the others.
+ffi::Error Rescore(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> queries,
+                   ffi::Buffer<ffi::F32> bank, ffi::Buffer<ffi::F32> found,
+                   ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> scores_out,
+                   ffi::ResultBuffer<ffi::S32> rows_out) {
+  const int64_t t = found.dimensions()[0], k = found.dimensions()[1];
+  const int64_t d = queries.dimensions()[1], n = bank.dimensions()[0];
+  if (queries.dimensions()[0] != t || bank.dimensions()[1] != d ||
+      rows.dimensions()[0] != t || rows.dimensions()[1] != k)
+    return ffi::Error::InvalidArgument("snca_cpu_rescore: inconsistent shapes");
+  const float *q = queries.typed_data(), *b = bank.typed_data(), *f = found.typed_data();
+  const int32_t* r = rows.typed_data();
+  float* s_out = scores_out->typed_data();
+  int32_t* r_out = rows_out->typed_data();
+  ForEachQuery(pool, t, [=](int64_t i) {
+    std::unique_ptr<uint64_t[]> keys(new uint64_t[k]);
+    const float* qi = q + i * d;
+    const float* fi = f + i * k;
+    const int32_t* ri = r + i * k;
+    for (int64_t j = 0; j < k; ++j) {
+      if (j + 4 < k && ri[j + 4] >= 0 && ri[j + 4] < n)     // the row after next's lines
+        for (int64_t e = 0; e < d; e += 16) __builtin_prefetch(b + ri[j + 4] * d + e);
+      const bool row = fi[j] > -__builtin_inff() && ri[j] >= 0 && ri[j] < n;
+      keys[j] = Key(row ? Dot(qi, b + ri[j] * d, d) : -__builtin_inff(), uint32_t(ri[j]));
     }
-    if (mine && p.done.fetch_add(mine) + mine == t) {
-      std::lock_guard<std::mutex> lock(p.mu);
-      p.all_done.notify_all();
+    std::sort(keys.get(), keys.get() + k, std::greater<uint64_t>());
+    for (int64_t j = 0; j < k; ++j) {
+      s_out[i * k + j] = Score(keys[j]);
+      r_out[i * k + j] = int32_t(~uint32_t(keys[j]));
     }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), t - 1);
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([progress, work] { work(*progress); });
-  work(*progress);
-  std::unique_lock<std::mutex> lock(progress->mu);
-  progress->all_done.wait(lock, [&] { return progress->done.load() == t; });
+  });
   return ffi::Error::Success();
 }
 
@@ -151,4 +237,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SncaCpuSelect, Fold,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<int64_t>("k")
                                   .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SncaCpuRescore, Rescore,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

@@ -4,8 +4,9 @@ XLA's CPU top-k is a partial sort on one thread whose cost grows with k, and it 
 search on a CPU slower than faiss's for K of 200 and more (BENCHMARKS.md, kNN search). The
 kernel here keeps every query's best rows as XLA scores the bank chunk by chunk: a threshold
 rules out nearly every row in a vectorised scan, and the few that pass are kept in a reservoir
-compacted by nth_element, on XLA's intra-op threads. The products, the sharding and the merge
-across devices stay JAX's; accelerators never call it.
+compacted by nth_element, on XLA's intra-op threads. A second call (`rescore`) scores the rows
+selected with bfloat16 products again in float32 and sorts them again. The products, the
+sharding and the merge across devices stay JAX's; accelerators never call it.
 
 The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) for this
 CPU (`-march=native`), into `$XDG_CACHE_HOME/snca_jax` (default `~/.cache/snca_jax`), named by
@@ -29,6 +30,7 @@ import jaxlib
 import numpy as np
 
 TARGET = 'snca_cpu_select'
+RESCORE_TARGET = 'snca_cpu_rescore'
 SOURCE = os.path.join(os.path.dirname(__file__), 'cpu_select.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++17', '-shared', '-fPIC', '-w')
 
@@ -84,6 +86,8 @@ def available() -> bool:
     library = ctypes.CDLL(_build())
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SncaCpuSelect),
                                 platform='cpu')
+    jax.ffi.register_ffi_target(RESCORE_TARGET, jax.ffi.pycapsule(library.SncaCpuRescore),
+                                platform='cpu')
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     print(f'snca_jax: the kNN search on the CPU keeps XLA\'s top-k, slower for large K: its '
           f'selection kernel could not be built ({e})', file=sys.stderr)
@@ -125,3 +129,14 @@ def result(state, k: int):
   bits = jnp.where(high >= sign, high & ~sign, ~high)
   return (jax.lax.bitcast_convert_type(bits, jnp.float32),
           jax.lax.bitcast_convert_type(~low, jnp.int32))
+
+
+def rescore(queries, bank, scores, rows):
+  """The rows `rows` (T, k) of `bank` (N, D) that each of `queries` (T, D) selected by other
+  `scores` (bfloat16 products), scored again in float32 and sorted again: (scores (T, k)
+  float32, rows (T, k) int32), best first, ties to the lower row; entries at -inf in `scores`
+  (no row) stay -inf, last."""
+  return jax.ffi.ffi_call(
+      RESCORE_TARGET, (jax.ShapeDtypeStruct(scores.shape, jnp.float32),
+                       jax.ShapeDtypeStruct(rows.shape, jnp.int32)))(
+          queries.astype(jnp.float32), bank.astype(jnp.float32), scores, rows)

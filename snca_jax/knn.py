@@ -397,8 +397,9 @@ def _rescored(qt, bank, labels, vals, idx):
   """The rows `idx` (T, k) found with bfloat16 products, scored again in float32 and sorted
   again, best first (entries found at -inf, or rows with a negative label, stay -inf); a few
   queries at a time (RESCORE_BYTES of gathered rows: gathered for a whole tile of queries at
-  once, the native search in bfloat16 on the demo's bank at K = 1,000 took 4.80 s where it now
-  takes 3.27: BENCHMARKS.md, kNN search)."""
+  once, the native search in bfloat16 on the demo's bank at K = 1,000 took 4.80 s where it
+  took 3.27: BENCHMARKS.md, kNN search). The tiled search's; the native one rescores in its
+  kernel (`cpu_select.rescore`)."""
   def one(qs, vs, ids):
     rescored = jnp.einsum('qkd,qd->qk', bank[ids], qs, preferred_element_type=jnp.float32)
     scored = jnp.where((labels[ids] >= 0) & (vs > -jnp.inf), rescored, -jnp.inf)
@@ -409,10 +410,12 @@ def _rescored(qt, bank, labels, vals, idx):
 
 
 # The native search (`_native_top_k`): NATIVE_QUERIES queries a tile, each scored against
-# chunks of rows of about NATIVE_TILE_BYTES of float32 scores (1,024 rows for 1,024 queries).
-# Tiles of 2,048 x 2,048 were 1-7% slower on the demo's embeddings (BENCHMARKS.md, kNN search).
+# chunks of rows of about NATIVE_TILE_BYTES of float32 scores (4,096 rows for 1,024 queries).
+# On the 2-core Intel Xeon, 1,024 x 4,096 against 1,024 x 1,024 (the tiles before): 12% faster
+# in float32, 40% in bfloat16, fewer steps of XLA's loop for the same products (BENCHMARKS.md,
+# kNN search); on the AMD EPYC, 2,048 x 2,048 had been 1-7% slower than 1,024 x 1,024.
 NATIVE_QUERIES = 1024
-NATIVE_TILE_BYTES = 2 ** 22
+NATIVE_TILE_BYTES = 2 ** 24
 # Where the native search is built, 'auto' screens a device's rows in bfloat16 (the blocked
 # search) only where the rows scored again are at most a NATIVE_SCREEN_SHARE-th of them.
 # ImageNet's bank, 2,048 queries, one device, 2-core AMD EPYC, screened / native
@@ -432,9 +435,9 @@ def _native_tiling(rows, nq):
 def _native_top_k(q, bank, labels, *, k, matmul_dtype):
   """This device's k best rows for every query, with the selection in a CPU kernel
   (`cpu_select`): NATIVE_QUERIES queries at a time, scored by XLA against a chunk of rows at a
-  time, every chunk's scores folded into each query's running selection while in cache. Exact
-  for these scores; with bfloat16 products the k found are scored again in float32, so the
-  similarities returned are float32's."""
+  time, every chunk's scores folded into each query's running selection. Exact for these
+  scores; with bfloat16 products the kernel scores the k found again in float32 and sorts them
+  again (`cpu_select.rescore`), so the similarities returned are float32's."""
   n, dim = bank.shape
   nq = q.shape[0]
   tile, chunk = _native_tiling(n, nq)
@@ -451,7 +454,7 @@ def _native_top_k(q, bank, labels, *, k, matmul_dtype):
     state = bank_lib.scan_chunks(fold, cpu_select.init(tile, k), (bank, labels), chunk)
     vals, idx = cpu_select.result(state, k)
     if jnp.dtype(matmul_dtype) != jnp.float32:
-      vals, idx = _rescored(qt, bank, labels, vals, idx)
+      vals, idx = cpu_select.rescore(qt, bank, vals, idx)
     return vals, idx
 
   padded = -(-nq // tile) * tile

@@ -358,6 +358,40 @@ def test_native_search_is_exact(monkeypatch, k, num_devices, dtype, holes, slots
   search_small_bank(k, num_devices, dtype, holes, 'native')
 
 
+def test_rescore_scores_in_float32_and_sorts_again():
+  """The kernel's rescoring (`cpu_select.rescore`) of a selection made with other scores: each
+  row's float32 product (rows of 131 values: no multiple of the kernel's 16 sums), sorted again
+  best first from any order, equal scores to the lower row, and entries found at -inf (no row)
+  kept at -inf, last (their rows in order)."""
+  assert cpu_select.available()                      # built and registered
+  rng = np.random.default_rng(5)
+  q = rng.normal(size=(4, 131)).astype(np.float32)
+  bank = rng.normal(size=(300, 131)).astype(np.float32)
+  bank[7] = bank[250] = bank[40]                     # three rows of one score
+  rows = np.stack([rng.permutation(300)[:20] for _ in range(4)]).astype(np.int32)
+  rows[0, [3, 11, 17]] = [250, 7, 40]
+  found = rng.normal(size=(4, 20)).astype(np.float32)    # any order: not the rows' scores
+  found[2, [5, 6]] = -np.inf
+  scores, out = (np.asarray(x) for x in jax.jit(cpu_select.rescore)(q, bank, found, rows))
+  exact = np.einsum('qd,qkd->qk', q.astype(np.float64), bank[rows].astype(np.float64))
+  exact[2, [5, 6]] = -np.inf
+  for i in range(4):
+    order = sorted(range(20), key=lambda j: (-exact[i, j], rows[i, j]))
+    want = rows[i, order]
+    if i == 2:
+      assert list(out[i, -2:]) == sorted(rows[i, [5, 6]]) and np.all(scores[i, -2:] == -np.inf)
+      want, got = want[:-2], out[i, :-2]
+    else:
+      got = out[i]
+    finite = np.isfinite(scores[i])
+    assert sorted(got) == sorted(want) and np.all(np.diff(scores[i][finite]) <= 0), i
+    np.testing.assert_allclose(scores[i][finite], exact[i][order][:finite.sum()], rtol=1e-5,
+                               atol=1e-4)
+    of_row = dict(zip(rows[i], exact[i]))                 # each row returned with its score
+    np.testing.assert_allclose(scores[i], [of_row[r] for r in out[i]], rtol=1e-5, atol=1e-4)
+  assert list(out[0][np.isin(out[0], [7, 40, 250])]) == [7, 40, 250]    # ties: lower row first
+
+
 @pytest.mark.parametrize('num_devices', [1, 2])
 def test_native_search_breaks_ties_as_brute_force(monkeypatch, num_devices):
   """Rows of equal score rank by row, the lower first (brute force's stable order, lax.top_k's):
