@@ -9,7 +9,7 @@
          large beside K, the blocked search screening the bank in bfloat16 with a proof
          (block maxima from cache-sized tiles of scores, then the best blocks' rows scored
          again in float32); otherwise the native search (method='native': XLA's float32
-         products for 1,024 queries x 1,024 rows at a time, each tile's scores folded into
+         products for 1,024 queries x 4,096 rows at a time, each tile's scores folded into
          every query's running selection by a CPU kernel, snca_jax/cpu_select.cc)
   ours_f32   the same with the screen off (screen='none')
   screened   the blocked search with the screen wherever it can run (method='blocked',
