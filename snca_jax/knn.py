@@ -411,9 +411,10 @@ def _rescored(qt, bank, labels, vals, idx):
 
 # The native search (`_native_top_k`): NATIVE_QUERIES queries a tile, each scored against
 # chunks of rows of about NATIVE_TILE_BYTES of float32 scores (4,096 rows for 1,024 queries).
-# On the 2-core Intel Xeon, 1,024 x 4,096 against 1,024 x 1,024 (the tiles before): 12% faster
-# in float32, 40% in bfloat16, fewer steps of XLA's loop for the same products (BENCHMARKS.md,
-# kNN search); on the AMD EPYC, 2,048 x 2,048 had been 1-7% slower than 1,024 x 1,024.
+# On the 2-core Intel Xeon, ImageNet's bank, K = 200 / 1,000, 1,024 x 4,096 against 1,024 x
+# 1,024 (the tiles before): float32 2.60 / 2.84 s against 3.04 / 3.27, bfloat16 0.90 / 1.19
+# against 1.65 / 1.87 (BENCHMARKS.md, kNN search): fewer steps of XLA's loop for the same
+# products. On the AMD EPYC, 2,048 x 2,048 had been 1-7% slower than 1,024 x 1,024.
 NATIVE_QUERIES = 1024
 NATIVE_TILE_BYTES = 2 ** 24
 # Where the native search is built, 'auto' screens a device's rows in bfloat16 (the blocked
