@@ -24,7 +24,8 @@ def run(*cmd, devices=None):
 
 def test_every_benchmark_has_a_smoke_test():
   tested = {'gpu.sh', 'train_step.py', 'nca_step.py', 'knn.py', 'memory_resnet50.py',
-            'scaling.py', 'raw_pixel_knn.py', 'input_pipeline.py', 'end_to_end.py'}
+            'scaling.py', 'raw_pixel_knn.py', 'input_pipeline.py', 'end_to_end.py',
+            'startup.py'}
   scripts = {f for f in os.listdir(BENCHMARKS) if f.endswith(('.py', '.sh'))}
   assert scripts == tested, f'benchmarks without a smoke test: {sorted(scripts - tested)}'
 
@@ -170,6 +171,19 @@ def test_raw_pixel_knn(fake_idx_dir):
   for k, top1, top5 in printed:
     want = weighted_knn_reference(test_x, test_y, train_x, train_y, k=int(k), sigma=0.05)
     assert abs(float(top1) - 100 * want[1]) <= 1.0 and abs(float(top5) - 100 * want[5]) <= 1.0
+
+
+def test_startup_times_each_import_in_fresh_processes(tmp_path):
+  """Both columns (this environment, and --against a directory put ahead on the path) time the
+  statement in fresh processes; the smoke run times the cheapest one, ml_dtypes's import."""
+  out = run(sys.executable, 'benchmarks/startup.py', '--smoke', '--against', str(tmp_path))
+  rows = re.findall(r'^(import [\w. ;]+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$', out,
+                    re.M)
+  assert [r[0] for r in rows] == ['import numpy; import ml_dtypes'], out
+  assert all(float(x) > 0 for r in rows for x in r[1:]), out
+  assert f'--against {tmp_path}: ml_dtypes' in out
+  assert re.search(r'own import time by package \(this environment\), s: total [\d.]+; '
+                   r'(\w+ [\d.]+, )*ml_dtypes', out), out
 
 
 def test_input_pipeline():
