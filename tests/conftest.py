@@ -164,6 +164,18 @@ def final_state(workdir):
                 for k, v in jax.tree_util.tree_leaves_with_path(state)}
 
 
+def use_devices(monkeypatch, n):
+  """Whatever makes the default mesh (train.train_and_evaluate, the evaluator) uses the first n
+  of this process's devices: a run on n devices without a process of its own."""
+  from snca_jax import mesh as mesh_lib
+  original = getattr(mesh_lib.make_mesh, 'original', mesh_lib.make_mesh)
+
+  def make_mesh(devices=None):
+    return original(jax.devices()[:n] if devices is None else devices)
+  make_mesh.original = original
+  monkeypatch.setattr(mesh_lib, 'make_mesh', make_mesh)
+
+
 def run_until(cmd, metrics, lines, sig, env):
   """Runs `cmd` in the repository, sends `sig` once the file `metrics` has `lines` lines;
   returns (exit code, stdout, stderr)."""

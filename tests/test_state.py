@@ -18,7 +18,7 @@ from snca_jax import optim
 from snca_jax import state as state_lib
 from snca_jax.errors import CheckpointError
 
-from conftest import final_state, make_fake_fashion_mnist, subprocess_env
+from conftest import final_state, make_fake_fashion_mnist, subprocess_env, use_devices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 101                                    # prime: no device count above 1 divides it
@@ -91,16 +91,14 @@ def test_train_and_eval_across_device_counts(tmp_path, monkeypatch):
   config.data.idx_dir, config.data.data_dir = data, str(tmp_path / 'tfds')
   config.model, config.low_dim, config.batch_size = 'tiny_resnet', 16, 24
   config.knn.batch_size, config.lr_schedule = 24, 'step'
-  make_mesh = mesh_lib.make_mesh
   for epochs, devices in ((1, 8), (2, 3), (3, 1)):
-    monkeypatch.setattr(mesh_lib, 'make_mesh', lambda d=None, n=devices: make_mesh(
-        jax.devices()[:n] if d is None else d))
+    use_devices(monkeypatch, devices)
     config.num_epochs = epochs
     state = train.train_and_evaluate(config, workdir)
     assert state.bank.shape[0] == -(-N // devices) * devices
     assert len(state.bank.devices()) == devices
     assert final_state(workdir)[0] == 4 * epochs
-  monkeypatch.setattr(mesh_lib, 'make_mesh', make_mesh)
+  use_devices(monkeypatch, len(jax.devices()))
   r = _run(['eval_knn.py', '--workdir', workdir, '--k', '5'], 3)
   assert r.returncode == 0, r.stderr[-3000:]
   on_8 = evaluate.evaluate_checkpoint(workdir, k=5)          # this process: 8 devices
