@@ -414,6 +414,62 @@ def test_native_search_breaks_ties_as_brute_force(monkeypatch, num_devices):
     assert np.array_equal(np.asarray(sims), np.take_along_axis(scores, want, 1)), k
 
 
+SCANS = {'avx2': ('-march=x86-64-v3', '__AVX2__', '__AVX512F__'),
+         'plain': ('-march=x86-64', None, '__AVX2__')}
+
+
+@functools.cache
+def kernel_target(scan):
+  """The kernel built with the scan `scan` (`SCANS`: -march instead of the suite's native, so
+  that the AVX2 and plain C++ scans, which CPUs without AVX-512 run, are tested on this one),
+  registered with XLA under a name of its own."""
+  import ctypes
+  import subprocess
+  march, defined, undefined = SCANS[scan]
+  macros = subprocess.run([os.environ.get('CXX', 'c++'), march, '-dM', '-E', '-x', 'c++', '-'],
+                          input='', capture_output=True, text=True, check=True).stdout
+  assert (defined is None or f'#define {defined} ' in macros) and f'{undefined} ' not in macros
+  flags = tuple(march if f == '-march=native' else f for f in cpu_select.FLAGS)
+  library = ctypes.CDLL(cpu_select._build(flags))
+  target = f'{cpu_select.TARGET}_{scan}'
+  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.SncaCpuSelect), platform='cpu')
+  return target
+
+
+@pytest.mark.parametrize('scan', ['native', 'avx2', 'plain'])
+def test_each_scan_of_the_kernel_selects_as_brute_force(monkeypatch, scan):
+  """The kernel's selection (`cpu_select.fold`, `result`), built with each of its scans of the
+  scores (AVX-512 where `-march=native` has it, AVX2, plain C++), against a stable sort: chunks
+  of 97 rows (64-score masks and a remainder), padding rows, scores tied in runs, -inf, a
+  reservoir compacted every few rows, K = 1, 30, 200."""
+  if scan == 'avx2' and ' avx2' not in cpu_select._cpu():
+    pytest.skip('this CPU has no AVX2')
+  if scan != 'native':
+    monkeypatch.setattr(cpu_select, 'TARGET', kernel_target(scan))
+  else:
+    assert cpu_select.available()
+  monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 3)
+  rng = np.random.default_rng(7)
+  n, chunk = 1000, 97
+  scores = rng.integers(-40, 40, size=(6, n)).astype(np.float32) / 8    # runs of ties
+  scores[1, 300:700] = -np.inf
+  labels = rng.integers(0, 5, size=n).astype(np.int32)
+  labels[rng.choice(n, 150, replace=False)] = -1                         # padding rows
+  want_scores = np.where(labels >= 0, scores, -np.inf)
+  for k in (1, 30, 200):
+    def select(scores, labels):
+      state = cpu_select.init(scores.shape[0], k)
+      for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        state = cpu_select.fold(state, scores[:, start:end], labels[start:end],
+                                np.int32(start), end == n, k=k)
+      return cpu_select.result(state, k)
+    got_scores, got_rows = (np.asarray(x) for x in jax.jit(select)(scores, labels))
+    want = np.argsort(-want_scores, axis=1, kind='stable')[:, :k]
+    assert np.array_equal(got_rows, want), (scan, k)
+    assert np.array_equal(got_scores, np.take_along_axis(want_scores, want, 1)), (scan, k)
+
+
 def test_kth_largest_key_and_first_true():
   """The selection by counting against NumPy: a key with exactly k keys at or above it, or
   with ties at the k-th largest value at least k, none of them below that value; on rows of
