@@ -183,7 +183,7 @@ def test_startup_times_each_import_in_fresh_processes(tmp_path):
   assert all(float(x) > 0 for r in rows for x in r[1:]), out
   assert f'--against {tmp_path}: ml_dtypes' in out
   assert re.search(r'own import time by package \(this environment\), s: total [\d.]+; '
-                   r'(\w+ [\d.]+, )*ml_dtypes', out), out
+                   r'numpy [\d.]+', out), out         # the package that takes most, here
 
 
 def test_input_pipeline():
