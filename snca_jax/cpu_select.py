@@ -79,17 +79,22 @@ def _build(flags=FLAGS) -> str:
   return path
 
 
+def _register(flags=FLAGS, suffix=''):
+  """Builds the kernel with `flags` (`_build`), loads it and registers its two handlers with
+  XLA for the CPU as TARGET + suffix and RESCORE_TARGET + suffix."""
+  library = ctypes.CDLL(_build(flags))
+  for target, handler in ((TARGET, library.SncaCpuSelect),
+                          (RESCORE_TARGET, library.SncaCpuRescore)):
+    jax.ffi.register_ffi_target(target + suffix, jax.ffi.pycapsule(handler), platform='cpu')
+
+
 @functools.cache
 def available() -> bool:
   """Whether the kernel is built, loaded and registered with XLA for the CPU."""
   if os.environ.get('SNCA_JAX_CPU_SELECT', '1') == '0':
     return False
   try:
-    library = ctypes.CDLL(_build())
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.SncaCpuSelect),
-                                platform='cpu')
-    jax.ffi.register_ffi_target(RESCORE_TARGET, jax.ffi.pycapsule(library.SncaCpuRescore),
-                                platform='cpu')
+    _register()
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     print(f'snca_jax: the kNN search on the CPU keeps XLA\'s top-k, slower for large K: its '
           f'selection kernel could not be built ({e})', file=sys.stderr)

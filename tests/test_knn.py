@@ -423,17 +423,14 @@ def kernel_target(scan):
   """The kernel built with the scan `scan` (`SCANS`: -march instead of the suite's native, so
   that the AVX2 and plain C++ scans, which CPUs without AVX-512 run, are tested on this one),
   registered with XLA under a name of its own."""
-  import ctypes
   import subprocess
   march, defined, undefined = SCANS[scan]
   macros = subprocess.run([os.environ.get('CXX', 'c++'), march, '-dM', '-E', '-x', 'c++', '-'],
                           input='', capture_output=True, text=True, check=True).stdout
   assert (defined is None or f'#define {defined} ' in macros) and f'{undefined} ' not in macros
-  flags = tuple(march if f == '-march=native' else f for f in cpu_select.FLAGS)
-  library = ctypes.CDLL(cpu_select._build(flags))
-  target = f'{cpu_select.TARGET}_{scan}'
-  jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(library.SncaCpuSelect), platform='cpu')
-  return target
+  cpu_select._register(tuple(march if f == '-march=native' else f for f in cpu_select.FLAGS),
+                       suffix=f'_{scan}')
+  return f'{cpu_select.TARGET}_{scan}'
 
 
 @pytest.mark.parametrize('scan', ['native', 'avx2', 'plain'])
