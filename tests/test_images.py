@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from snca_jax.data import folder
 from snca_jax.data import images
 from snca_jax.data import transforms
 
@@ -64,6 +65,38 @@ def test_imagenet_train_is_the_original_transform(fmt, mode, ext):
     box = images.random_box(r, 333, 500)
     want = _torchvision_train(data, box, r.random() < 0.5, 224)
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize('damage', ['cut', 'stray'])
+@pytest.mark.parametrize('mode', ['RGB', 'L'])
+def test_jpegs_that_libjpeg_warns_about_decode_as_pil_does(mode, damage, tmp_path, monkeypatch):
+  """A JPEG whose data segment ends early, or with stray bytes before its end marker: libjpeg
+  warns ("Corrupt JPEG data: ..."), PIL decodes it, so preparing keeps it and the original
+  trains on it. Every transform must decode it too, to PIL's pixels; and a JPEG that simplejpeg
+  cannot decode goes to PIL."""
+  whole = encode_image(_photo(333, 500, seed=5), 'JPEG', mode)
+  data = (whole[:len(whole) // 2] if damage == 'cut' else whole[:-2] + b'\xab' * 240) + whole[-2:]
+  path = tmp_path / 'cut.jpg'
+  path.write_bytes(data)
+  assert folder._read_or_error(str(path)) == (data, None)        # preparing keeps it
+  pil = Image.open(io.BytesIO(data)).convert('RGB')
+  np.testing.assert_array_equal(images.decode(data), np.asarray(pil))
+  for seed in range(4):
+    r = np.random.default_rng(seed)
+    want = _torchvision_train(data, images.random_box(r, 333, 500), r.random() < 0.5, 224)
+    got = images.imagenet_train(data, np.random.default_rng(seed), 224, reduced=False)
+    np.testing.assert_array_equal(got, want)
+
+  def reduced():     # libjpeg's scaled decoding: by simplejpeg, else through PIL's draft
+    return ([images.imagenet_train(data, np.random.default_rng(s), 64) for s in range(4)]
+            + [images.imagenet_eval(data, 64)])
+  fast = reduced()
+
+  def cannot(*args, **kwargs):
+    raise ValueError('cannot decode')
+  monkeypatch.setattr(images.simplejpeg, 'decode_jpeg', cannot)
+  np.testing.assert_array_equal(reduced(), fast)
+  np.testing.assert_array_equal(images.decode(data), np.asarray(pil))
 
 
 def test_reduced_jpeg_decode_matches_full_decode_closely():

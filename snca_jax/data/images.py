@@ -9,7 +9,10 @@ uint8 HWC arrays: conversion to float and normalisation happen on the accelerato
 
 Colour and grayscale JPEGs (nearly all photos) are decoded by simplejpeg, libjpeg-turbo with the
 same (exact) DCT and upsampling as PIL's decoder: the same pixels, about 30% sooner
-(benchmarks/input_pipeline.py). Other files (PNG, CMYK JPEGs, ...) are decoded by PIL.
+(benchmarks/input_pipeline.py). Like PIL, it takes libjpeg's warnings ("Corrupt JPEG data": a
+data segment that ends early, stray bytes before a marker; PIL decodes such files, so preparing
+keeps them and the original trains on them) as no error, and a JPEG it cannot decode goes to
+PIL. Other files (PNG, CMYK JPEGs, ...) are decoded by PIL.
 
 One speed-up departs from the original, and only where it cannot be seen at the output size:
 with `reduced=True`, a JPEG whose crop is at least twice the output size in both directions is
@@ -51,6 +54,15 @@ def _jpeg_size(x):
   return (h, w) if colorspace in ('YCbCr', 'Gray') else None
 
 
+def _jpeg(x, height=0, width=0):
+  """simplejpeg's RGB decode of at least height x width (libjpeg's scaled decoding), warnings
+  not raised (PIL raises none); None where it cannot decode `x`, which PIL then tries."""
+  try:
+    return simplejpeg.decode_jpeg(x, 'RGB', min_height=height, min_width=width, strict=False)
+  except ValueError:
+    return None
+
+
 def _scale(height, width, need_h, need_w, reduced) -> int:
   """The largest of 8, 4, 2 (else 1) that leaves at least need_h x need_w of height x width."""
   for s in ((8, 4, 2) if reduced else ()):
@@ -67,13 +79,15 @@ def _pixels(x, channels, need_w=0.0, need_h=0.0, reduced=False):
   if size is not None:
     h, w = size
     s = _scale(h, w, math.ceil(need_h), math.ceil(need_w), reduced)
-    return simplejpeg.decode_jpeg(x, 'RGB', min_height=-(-h // s), min_width=-(-w // s)), (w, h)
+    pixels = _jpeg(x, -(-h // s), -(-w // s))
+    if pixels is not None:
+      return pixels, (w, h)
   image = open_image(x)
   full = image.size
   if reduced and image.format == 'JPEG':         # libjpeg's scaled decoding, through PIL
     s = _scale(full[1], full[0], math.ceil(need_h), math.ceil(need_w), reduced)
-    if s > 1:
-      image.draft(image.mode, (-(-full[0] // s), -(-full[1] // s)))
+    if s > 1:   # draft scales by the largest of 8, 4, 2, 1 not above full // size: s itself
+      image.draft(image.mode, (max(full[0] // s, 1), max(full[1] // s, 1)))
   return _as_mode(image, channels), full
 
 
@@ -91,8 +105,9 @@ def _to_array(image: Image.Image, channels: int) -> np.ndarray:
 
 def decode(x, channels: int = 3) -> np.ndarray:
   """The whole image at full size, as (H, W, channels) uint8."""
-  if channels == 3 and _jpeg_size(x) is not None:
-    return simplejpeg.decode_jpeg(x, 'RGB')
+  pixels = _jpeg(x) if channels == 3 and _jpeg_size(x) is not None else None
+  if pixels is not None:
+    return pixels
   return _to_array(_as_mode(open_image(x), channels), channels)
 
 
