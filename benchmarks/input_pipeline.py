@@ -210,21 +210,28 @@ def end_to_end(n, batch, smoke, more_threads=()):
       os.makedirs(os.path.join(split, f'n{i % 8:08d}'), exist_ok=True)
       with open(os.path.join(split, f'n{i % 8:08d}', f'img_{i:05d}.JPEG'), 'wb') as f:
         f.write(d)
-    rates = {}
     prepares = [('one thread', 1, 0), ('threads, two per core', None, 0),
                 (f'{cores} worker processes', None, cores)]
-    for name, threads, workers in prepares[:2] if smoke else prepares:  # smoke: no spawning
-      t0 = time.perf_counter()
-      folder.prepare(split, os.path.join(tmp, f'prepared{len(rates)}'), num_threads=threads,
-                     num_workers=workers, show_progress=False)
-      rates[name] = n / (time.perf_counter() - t0)
-      one = rates['one thread']
-      print(f'prepare, {name + ":":26s} {rates[name]:7.0f} images/s = '
-            f'{rates[name] / (cores * one):.2f} x cores x one thread')
+    prepares = prepares[:2] if smoke else prepares     # smoke: no spawning
+    rounds = 1 if smoke else 3        # in turns, as the epochs below; medians over the rounds
+    rates = {name: [] for name, _, _ in prepares}
+    for r in range(rounds):
+      for name, threads, workers in prepares:
+        out = os.path.join(tmp, 'prepared' if r == 0 and threads == 1 else 'again')
+        t0 = time.perf_counter()
+        folder.prepare(split, out, num_threads=threads, num_workers=workers, show_progress=False)
+        rates[name].append(n / (time.perf_counter() - t0))
+        if out.endswith('again'):
+          shutil.rmtree(out)
+    one = np.median(rates['one thread'])
+    for name, values in rates.items():
+      print(f'prepare, {name + ":":26s} {np.median(values):7.0f} images/s = '
+            f'{np.median(values) / (cores * one):.2f} x cores x one thread '
+            f'(median of {rounds}: {", ".join(f"{v:.0f}" for v in values)})')
     default = folder.check_workers(None, n, cores)
     print(f'(preparing {n} files on {cores} cores reads them with '
           f'{f"{default} worker processes" if default else "threads"} by default)\n')
-    source = folder.FolderSource(os.path.join(tmp, 'prepared0'))
+    source = folder.FolderSource(os.path.join(tmp, 'prepared'))
     order = np.random.default_rng(0).permutation(n)
     t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, n, batch):

@@ -62,14 +62,16 @@ _WRITE_BUFFER = 1 << 22
 log = logging.getLogger('snca_jax')
 # Files are read and checked by threads of this process (two per core) on up to
 # pipeline.THREAD_CORES cores; on more, where a split has at least PROCESS_MIN_FILES files, by
-# worker processes (one per core, CHECK_THREADS threads each), CHUNK files a task. One
-# process's threads share its GIL: on a GPU host's 16 cores, 32 threads prepared at 0.17 x 16 x
-# one thread's rate (BENCHMARKS.md). A worker's start imports the program's modules again
-# (seconds), hence the floor on the files; and, as with grain's workers, a script that prepares
-# so needs the `if __name__ == '__main__':` guard (train.py and eval_knn.py have it).
+# worker processes (one per core, CHECK_THREADS threads each). Either takes CHUNK files a task,
+# fewer where four tasks a reader would not fill IN_FLIGHT files. One process's threads share
+# its GIL: on a GPU host's 16 cores, 32 threads prepared at 0.17 x 16 x one thread's rate
+# (BENCHMARKS.md). A worker's start imports the program's modules again (seconds), hence the
+# floor on the files; and, as with grain's workers, a script that prepares so needs the
+# `if __name__ == '__main__':` guard (train.py and eval_knn.py have it).
 PROCESS_MIN_FILES = 16384
 CHECK_THREADS = 2
 CHUNK = 64
+IN_FLIGHT = 2048
 
 
 def _read_checked(path: str) -> bytes:
@@ -190,15 +192,25 @@ def check_workers(num_workers: int | None, num_files: int, cores: int | None = N
 
 
 def _checked_files(paths, num_threads, num_workers):
-  """(pool, iterator of (bytes, error) for `paths`, in order)."""
+  """(pool, iterator of (bytes, error) for `paths`, in order). Four tasks a reader are in flight,
+  of up to CHUNK files each: a task a file cost one thread about 12% of its rate in the pool's
+  hand-offs, which hold the GIL (BENCHMARKS.md)."""
   if num_workers:
+    readers, task = num_workers, _check_chunk
     pool = concurrent.futures.ProcessPoolExecutor(
         num_workers, mp_context=multiprocessing.get_context('spawn'))   # JAX's threads: no fork
-    chunks = (paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK))
-    return pool, itertools.chain.from_iterable(
-        _ordered_map(pool, _check_chunk, chunks, window=4 * num_workers))
-  pool = concurrent.futures.ThreadPoolExecutor(num_threads or 2 * distributed.local_cores())
-  return pool, _ordered_map(pool, _read_or_error, paths)
+  else:
+    readers, task = num_threads or 2 * distributed.local_cores(), _read_chunk
+    pool = concurrent.futures.ThreadPoolExecutor(readers)
+  size = max(1, min(CHUNK, len(paths) // (4 * readers), IN_FLIGHT // (4 * readers)))
+  chunks = (paths[i:i + size] for i in range(0, len(paths), size))
+  return pool, itertools.chain.from_iterable(
+      _ordered_map(pool, task, chunks, window=4 * readers))
+
+
+def _read_chunk(paths):
+  """A reader thread's task: _read_or_error of each path."""
+  return [_read_or_error(path) for path in paths]
 
 
 def _check_chunk(paths):
