@@ -215,19 +215,22 @@ def end_to_end(n, batch, smoke, more_threads=()):
     prepares = prepares[:2] if smoke else prepares     # smoke: no spawning
     rounds = 1 if smoke else 3        # in turns, as the epochs below; medians over the rounds
     rates = {name: [] for name, _, _ in prepares}
+    busy = {name: [] for name, _, _ in prepares}
     for r in range(rounds):
       for name, threads, workers in prepares:
         out = os.path.join(tmp, 'prepared' if r == 0 and threads == 1 else 'again')
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         folder.prepare(split, out, num_threads=threads, num_workers=workers, show_progress=False)
         rates[name].append(n / (time.perf_counter() - t0))
+        busy[name].append((time.process_time() - cpu0) * rates[name][-1] / n)
         if out.endswith('again'):
           shutil.rmtree(out)
     one = np.median(rates['one thread'])
     for name, values in rates.items():
       print(f'prepare, {name + ":":26s} {np.median(values):7.0f} images/s = '
-            f'{np.median(values) / (cores * one):.2f} x cores x one thread '
-            f'(median of {rounds}: {", ".join(f"{v:.0f}" for v in values)})')
+            f'{np.median(values) / (cores * one):.2f} x cores x one thread, this process '
+            f'{np.median(busy[name]):.2f} cores busy (median of {rounds}: '
+            f'{", ".join(f"{v:.0f}" for v in values)} images/s)')
     default = folder.check_workers(None, n, cores)
     print(f'(preparing {n} files on {cores} cores reads them with '
           f'{f"{default} worker processes" if default else "threads"} by default)\n')

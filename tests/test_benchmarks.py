@@ -195,7 +195,8 @@ def test_input_pipeline_end_to_end():
   out = run(sys.executable, 'benchmarks/input_pipeline.py', '--end_to_end', '--smoke',
             '--threads=3')
   for name in ('one thread', 'threads, two per core'):      # worker processes: test_folder
-    assert re.search(rf'prepare, {name}:\s+\d+ images/s = [\d.]+ x cores', out), out
+    assert re.search(rf'prepare, {name}:\s+\d+ images/s = [\d.]+ x cores x one thread, '
+                     rf'this process [\d.]+ cores busy', out), out
   assert re.search(r'reads them with threads by default', out), out     # few files
   assert re.search(r'reading the prepared records in batches of \d+, shuffled, one thread: '
                    r'[\d.]+ us an image \([\d.]+ us of CPU\)', out), out

@@ -171,8 +171,9 @@ def test_an_undecodable_file_stops_the_prepare_and_names_it(tmp_path, bad):
 
 
 def test_worker_processes_prepare_the_same_records_and_name_bad_files(tmp_path):
-  """Preparing in worker processes (as on hosts of many cores) writes the same files as the
-  threads do, names a bad file the same way, and leaves nothing behind when it stops."""
+  """Preparing in worker processes (as on hosts of many cores) or in this thread alone writes
+  the same files as the threads do, names a bad file the same way, and leaves nothing behind
+  when it stops."""
   root = str(tmp_path / 'photos')
   make_image_tree(root, per_class={'train': 20, 'val': 1})
   _touch(os.path.join(root, 'train', 'cat', 'cat_bad.jpg'), b'\xff\xd8\xff\xe0 not a jpeg')
@@ -180,15 +181,20 @@ def test_worker_processes_prepare_the_same_records_and_name_bad_files(tmp_path):
   with pytest.raises(DataError, match=r'cat/cat_bad\.jpg is not a decodable image'):
     folder.prepare(split, str(tmp_path / 'stopped'), num_workers=2, show_progress=False)
   assert sorted(os.listdir(tmp_path)) == ['photos']                  # nothing half-written
-  by_threads, by_workers = (
-      folder.prepare(split, str(tmp_path / name), num_workers=workers, skip_bad_images=True,
-                     show_progress=False) for name, workers in (('threads', 0), ('workers', 2)))
-  assert by_workers['skipped'] == by_threads['skipped'] == ['cat/cat_bad.jpg']
-  assert by_workers['num_records'] == by_threads['num_records'] == 80
+  with pytest.raises(DataError, match=r'cat/cat_bad\.jpg is not a decodable image'):
+    folder.prepare(split, str(tmp_path / 'stopped'), num_threads=1, show_progress=False)
+  assert sorted(os.listdir(tmp_path)) == ['photos']
+  ways = {'threads': {'num_workers': 0}, 'workers': {'num_workers': 2},
+          'one': {'num_workers': 0, 'num_threads': 1}}
+  metas = {name: folder.prepare(split, str(tmp_path / name), skip_bad_images=True,
+                                show_progress=False, **kwargs) for name, kwargs in ways.items()}
+  for meta in metas.values():
+    assert meta['skipped'] == ['cat/cat_bad.jpg'] and meta['num_records'] == 80
   for name in sorted(os.listdir(tmp_path / 'threads')):
     if name != 'meta.json':                                          # which holds the time
-      threads, workers = (tmp_path / 'threads' / name, tmp_path / 'workers' / name)
-      assert threads.read_bytes() == workers.read_bytes(), name
+      threads = (tmp_path / 'threads' / name).read_bytes()
+      assert threads == (tmp_path / 'workers' / name).read_bytes(), name
+      assert threads == (tmp_path / 'one' / name).read_bytes(), name
 
 
 def test_worker_processes_check_large_splits_on_many_cores():

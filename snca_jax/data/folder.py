@@ -146,8 +146,8 @@ def prepare(split_dir: str, out_dir: str, *, classes=None, skip_bad_images: bool
   another run has prepared `out_dir` meanwhile (or had before), that is used, not redone.
   `num_workers` processes (default: see PROCESS_MIN_FILES; 0: none), or else `num_threads`
   threads of this process (default: two per core this process may use; PIL's header parsing
-  holds the GIL, the reads and decodes do not), read and check the files. The records are the
-  same whichever read them."""
+  holds the GIL, the reads and decodes do not; 1: this thread alone, which also writes), read
+  and check the files. The records are the same whichever read them."""
   out_dir = os.path.abspath(out_dir)
   parent, name = os.path.split(out_dir)
   os.makedirs(parent, exist_ok=True)
@@ -192,9 +192,11 @@ def check_workers(num_workers: int | None, num_files: int, cores: int | None = N
 
 
 def _checked_files(paths, num_threads, num_workers):
-  """(pool, iterator of (bytes, error) for `paths`, in order). Four tasks a reader are in flight,
-  of up to CHUNK files each: a task a file cost one thread about 12% of its rate in the pool's
-  hand-offs, which hold the GIL (BENCHMARKS.md)."""
+  """(pool or None, iterator of (bytes, error) for `paths`, in order). One thread is this one;
+  else four tasks a reader are in flight, of up to CHUNK files each: a task a file cost one
+  reader thread about a tenth of its rate in the pool's hand-offs (BENCHMARKS.md)."""
+  if not num_workers and num_threads == 1:
+    return None, map(_read_or_error, paths)
   if num_workers:
     readers, task = num_workers, _check_chunk
     pool = concurrent.futures.ProcessPoolExecutor(
@@ -230,7 +232,8 @@ def _write(split_dir, tmp, classes, split_classes, files, skip_bad_images, num_t
       out = stack.enter_context(open(os.path.join(tmp, _IMAGES), 'wb', buffering=_WRITE_BUFFER))
       pool, checked = _checked_files([os.path.join(split_dir, f) for f, _ in files],
                                      num_threads, check_workers(num_workers, len(files)))
-      stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+      if pool is not None:
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
       for (rel, label), (data, error) in zip(files, checked):
         bar.update(1)
         if error is not None:
