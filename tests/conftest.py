@@ -114,7 +114,8 @@ def class_image(label, h, w, rng):
 
 def make_image_tree(root, classes=('Bird', 'cat', 'dog', 'zebra'), per_class=None, seed=0):
   """root/{train,val}/<class>/... with JPEG and PNG files, RGB, grayscale, RGBA, CMYK and
-  palette, 20 to 600 pixels; a nested sub-folder, and files that are not images. Returns
+  palette, 20 to 600 pixels, one colour JPEG in 14 with stray bytes before its end marker
+  (libjpeg warns, PIL decodes it); a nested sub-folder, and files that are not images. Returns
   {split: number of images}."""
   per_class = per_class or {'train': 10, 'val': 4}
   rng = np.random.default_rng(seed)
@@ -128,8 +129,11 @@ def make_image_tree(root, classes=('Bird', 'cat', 'dog', 'zebra'), per_class=Non
         h, w = SIZES[k % len(SIZES)]
         k += 1
         sub = 'more' if i == n - 1 else ''
+        data = encode_image(class_image(label, h, w, rng), fmt, mode)
+        if k % 14 == 1:                                  # a colour JPEG: 'Corrupt JPEG data'
+          data = data[:-2] + b'\xab' * 64 + data[-2:]
         with open(os.path.join(d, sub, f'{name}_{i:03d}{ext}'), 'wb') as f:
-          f.write(encode_image(class_image(label, h, w, rng), fmt, mode))
+          f.write(data)
       for junk in ('.DS_Store', 'Thumbs.db', 'README.txt'):
         with open(os.path.join(d, junk), 'wb') as f:
           f.write(b'not an image')
