@@ -130,7 +130,7 @@ def make_image_tree(root, classes=('Bird', 'cat', 'dog', 'zebra'), per_class=Non
         k += 1
         sub = 'more' if i == n - 1 else ''
         data = encode_image(class_image(label, h, w, rng), fmt, mode)
-        if k % 14 == 1:                                  # a colour JPEG: 'Corrupt JPEG data'
+        if (fmt, mode) == ('JPEG', 'RGB') and k % 14 == 1:       # 'Corrupt JPEG data'
           data = data[:-2] + b'\xab' * 64 + data[-2:]
         with open(os.path.join(d, sub, f'{name}_{i:03d}{ext}'), 'wb') as f:
           f.write(data)

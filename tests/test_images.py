@@ -76,7 +76,7 @@ def test_jpegs_that_libjpeg_warns_about_decode_as_pil_does(mode, damage, tmp_pat
   cannot decode goes to PIL."""
   whole = encode_image(_photo(333, 500, seed=5), 'JPEG', mode)
   data = (whole[:len(whole) // 2] if damage == 'cut' else whole[:-2] + b'\xab' * 240) + whole[-2:]
-  path = tmp_path / 'cut.jpg'
+  path = tmp_path / 'damaged.jpg'
   path.write_bytes(data)
   assert folder._read_or_error(str(path)) == (data, None)        # preparing keeps it
   pil = Image.open(io.BytesIO(data)).convert('RGB')
