@@ -2,14 +2,16 @@
 //
 // XLA scores a tile of queries against a chunk of bank rows; this folds those scores into
 // every query's running selection: a reservoir of slots holding the best rows so far and the
-// rows that may still belong with them, and a threshold, the k-th best score of the last
-// compaction, below which no row can be among the k best. A row enters only if its score beats
-// the threshold, which a vectorised scan of 64 scores at a time rules out for nearly all rows
-// (AVX-512 or AVX2 compares into a bit mask, whose set bits alone are visited); when the slots
-// are full, nth_element keeps the k best and raises the threshold. Each query's k best are
-// sorted once, after the last chunk. The queries of a tile are shared among XLA's intra-op
-// threads. A second call (Rescore) scores a selection made with bfloat16 products again in
-// float32, from the bank's rows, and sorts it again.
+// rows that may still belong with them, and a threshold, a score that at least k slots beat or
+// equal, below which no row can be among the k best. A row enters only if its score beats the
+// threshold, which a vectorised scan of 64 scores at a time rules out for nearly all rows
+// (AVX-512 or AVX2 compares into a bit mask, whose set bits alone are visited). When the slots
+// are full, a pivot taken from a sample of them, a little below the k-th best, keeps the slots
+// at or above it (one pass, no branch on the data) and becomes the threshold; where the sample
+// misjudges, nth_element keeps the k best. Each query's slots are sorted once, by a radix sort,
+// after the last chunk. The queries of a tile are shared among XLA's intra-op threads. A second
+// call (Rescore) scores a selection made with bfloat16 products again in float32, from the
+// bank's rows, and sorts it again.
 //
 // A slot holds a score and its row as one 64-bit key, larger = better: the score's bits made
 // order-preserving in the high word, the row's complement in the low word, so that equal
@@ -55,6 +57,67 @@ inline float Compact(uint64_t* keys, int64_t n, int64_t k) {
   return Score(keys[k - 1]);
 }
 
+// Full slots keys[0:n] (n > k, room for m) cut down, keeping the k best: the keys at or above a
+// pivot key p of which at least k are, p's score the new threshold (*thr). p is the r-th best
+// of 128 slots sampled, r the k-th best's expected rank among them plus a margin of at least two
+// standard deviations, so that nearly always between k and k + (m - k) / 2 keys reach it
+// (counted before any key moves); else nth_element keeps exactly k. Any key below p then ranks
+// below the k best, and so does any later row of p's score (ties go to the lower row). Returns
+// the number of keys kept.
+inline int64_t Shrink(uint64_t* keys, int64_t n, int64_t k, int64_t m, float* thr) {
+  constexpr int64_t S = 128;
+  const int64_t r0 = (k * S + n - 1) / n;                    // rank in the sample, from 1
+  const int64_t r = r0 + 2 + int64_t(2 * __builtin_sqrt(double(r0)));
+  if (r < S) {
+    uint64_t sample[S];
+    for (int64_t i = 0; i < S; ++i) sample[i] = keys[i * n / S];
+    std::nth_element(sample, sample + (r - 1), sample + S, std::greater<uint64_t>());
+    const uint64_t p = sample[r - 1];
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += keys[i] >= p;
+    if (count >= k && count <= k + (m - k) / 2) {
+      int64_t kept = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint64_t key = keys[i];
+        keys[kept] = key;
+        kept += key >= p;
+      }
+      *thr = Score(p);
+      return kept;
+    }
+  }
+  *thr = Compact(keys, n, k);
+  return k;
+}
+
+// keys[0:n] sorted, largest first. From 256 keys: a radix sort by the bytes of ~key, least
+// significant first, leaving out the bytes all keys share (the rows' high bytes, the scores'
+// sign and exponent, mostly), several times faster than std::sort there.
+void SortDescending(uint64_t* keys, int64_t n) {
+  if (n < 256) {
+    std::sort(keys, keys + n, std::greater<uint64_t>());
+    return;
+  }
+  std::unique_ptr<uint64_t[]> other(new uint64_t[n]);
+  std::unique_ptr<uint32_t[]> count(new uint32_t[8 * 256]());
+  for (int64_t i = 0; i < n; ++i)
+    for (int b = 0; b < 8; ++b) ++count[b * 256 + ((~keys[i] >> (8 * b)) & 0xff)];
+  uint64_t *from = keys, *to = other.get();
+  for (int b = 0; b < 8; ++b) {
+    uint32_t* start = count.get() + b * 256;
+    if (start[(~from[0] >> (8 * b)) & 0xff] == n) continue;      // one value: in order
+    uint32_t sum = 0;
+    for (int v = 0; v < 256; ++v) {
+      const uint32_t c = start[v];
+      start[v] = sum;
+      sum += c;
+    }
+    for (int64_t i = 0; i < n; ++i) to[start[(~from[i] >> (8 * b)) & 0xff]++] = from[i];
+    std::swap(from, to);
+  }
+  if (from != keys) std::copy_n(from, n, keys);
+}
+
 // Bit t: whether scores[t] > thr, for t in [0, 64) (false for NaN).
 inline uint64_t Above64(const float* scores, float thr) {
 #if defined(__AVX512F__)
@@ -95,10 +158,7 @@ void FoldQuery(const float* scores, const int32_t* labels, int64_t c, uint32_t b
   auto take = [&](int64_t j) {
     if (scores[j] > thr && labels[j] >= 0) {
       keys[n] = Key(scores[j], base + uint32_t(j));
-      if (++n == m) {
-        thr = Compact(keys, n, k);
-        n = k;
-      }
+      if (++n == m) n = Shrink(keys, n, k, m, &thr);
     }
   };
   int64_t j = 0;
@@ -107,11 +167,8 @@ void FoldQuery(const float* scores, const int32_t* labels, int64_t c, uint32_t b
       take(j + __builtin_ctzll(bits));
   for (; j < c; ++j) take(j);
   if (last) {
-    if (n > k) {
-      Compact(keys, n, k);
-      n = k;
-    }
-    std::sort(keys, keys + n, std::greater<uint64_t>());
+    SortDescending(keys, n);
+    n = std::min(n, k);
     for (int64_t s = n; s < k; ++s) keys[s] = Key(-__builtin_inff(), 0);
   }
   meta[0] = int32_t(n);
@@ -216,7 +273,7 @@ ffi::Error Rescore(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> queries,
       const bool row = fi[j] > -__builtin_inff() && ri[j] >= 0 && ri[j] < n;
       keys[j] = Key(row ? Dot(qi, b + ri[j] * d, d) : -__builtin_inff(), uint32_t(ri[j]));
     }
-    std::sort(keys.get(), keys.get() + k, std::greater<uint64_t>());
+    SortDescending(keys.get(), k);
     for (int64_t j = 0; j < k; ++j) {
       s_out[i * k + j] = Score(keys[j]);
       r_out[i * k + j] = int32_t(~uint32_t(keys[j]));

@@ -4,9 +4,10 @@ XLA's CPU top-k is a partial sort on one thread whose cost grows with k, and it 
 search on a CPU slower than faiss's for K of 200 and more (BENCHMARKS.md, kNN search). The
 kernel here keeps every query's best rows as XLA scores the bank chunk by chunk: a threshold
 rules out nearly every row in a vectorised scan, and the few that pass are kept in a reservoir
-compacted by nth_element, on XLA's intra-op threads. A second call (`rescore`) scores the rows
-selected with bfloat16 products again in float32 and sorts them again. The products, the
-sharding and the merge across devices stay JAX's; accelerators never call it.
+cut, when full, at a pivot sampled from it, and radix-sorted at the end, on XLA's intra-op
+threads. A second call (`rescore`) scores the rows selected with bfloat16 products again in
+float32 and sorts them again. The products, the sharding and the merge across devices stay
+JAX's; accelerators never call it.
 
 The kernel is compiled on first use with the host's C++ compiler (`$CXX`, else `c++`) for this
 CPU (`-march=native`), into `$XDG_CACHE_HOME/snca_jax` (default `~/.cache/snca_jax`), named by

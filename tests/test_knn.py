@@ -433,27 +433,43 @@ def kernel_target(scan):
   return f'{cpu_select.TARGET}_{scan}'
 
 
-@pytest.mark.parametrize('scan', ['native', 'avx2', 'plain'])
-def test_each_scan_of_the_kernel_selects_as_brute_force(monkeypatch, scan):
+@pytest.mark.parametrize('scan,slots', [('native', 'few'), ('native', 'default'),
+                                         ('avx2', 'few'), ('avx2', 'default'),
+                                         ('plain', 'few'), ('plain', 'default')])
+def test_each_scan_of_the_kernel_selects_as_brute_force(monkeypatch, scan, slots):
   """The kernel's selection (`cpu_select.fold`, `result`), built with each of its scans of the
   scores (AVX-512 where `-march=native` has it, AVX2, plain C++), against a stable sort: chunks
-  of 97 rows (64-score masks and a remainder), padding rows, scores tied in runs, -inf, a
-  reservoir compacted every few rows, K = 1, 30, 200."""
+  of rows that 64 does not divide (score masks and a remainder), padding rows, scores tied in
+  runs, -inf. 'few': K = 1, 30, 200, the reservoir compacted every few rows (room for 3; by
+  nth_element, too few slots to sample). 'default': 6,000 rows, K = 1, 30, 200, 1,000, the
+  reservoir as it is, cut at sampled pivots, the slots sorted by the radix sort; besides
+  queries of ties and of distinct scores, one whose first sample holds the best rows and one
+  whose first sample holds the worst (the pivot would keep fewer than K, or most slots: cut by
+  nth_element instead)."""
   if scan == 'avx2' and ' avx2' not in cpu_select._cpu():
     pytest.skip('this CPU has no AVX2')
   if scan != 'native':
     monkeypatch.setattr(cpu_select, 'TARGET', kernel_target(scan))
   else:
     assert cpu_select.available()
-  monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 3)
+  if slots == 'few':
+    monkeypatch.setattr(cpu_select, 'slots', lambda k: k + 3)
   rng = np.random.default_rng(7)
-  n, chunk = 1000, 97
-  scores = rng.integers(-40, 40, size=(6, n)).astype(np.float32) / 8    # runs of ties
+  n, chunk = (1000, 97) if slots == 'few' else (6000, 997)
+  scores = rng.integers(-40, 40, size=(8, n)).astype(np.float32) / 8    # runs of ties
+  scores[3:] = rng.normal(size=(5, n))
   scores[1, 300:700] = -np.inf
   labels = rng.integers(0, 5, size=n).astype(np.int32)
-  labels[rng.choice(n, 150, replace=False)] = -1                         # padding rows
-  want_scores = np.where(labels >= 0, scores, -np.inf)
-  for k in (1, 30, 200):
+  labels[rng.choice(np.arange(n // 3, n), 150, replace=False)] = -1      # padding rows
+  for k in (1, 30, 200) if slots == 'few' else (1, 30, 200, 1000):
+    m = cpu_select.slots(k)
+    if slots == 'default':          # the slots sampled at the first cut: the first m rows'
+      sampled = np.arange(128) * m // 128                                # (none is padding)
+      scores[6:] = rng.normal(size=(2, n))
+      scores[6, sampled] += 10
+      scores[7, sampled] -= 10
+    want_scores = np.where(labels >= 0, scores, -np.inf)
+
     def select(scores, labels):
       state = cpu_select.init(scores.shape[0], k)
       for start in range(0, n, chunk):
