@@ -167,6 +167,10 @@ void FoldQuery(const float* scores, const int32_t* labels, int64_t c, uint32_t b
       take(j + __builtin_ctzll(bits));
   for (; j < c; ++j) take(j);
   if (last) {
+    if (n > k && k < 256) {    // few to keep: selected, then sorted (from 256, all n radix-sorted)
+      Compact(keys, n, k);
+      n = k;
+    }
     SortDescending(keys, n);
     n = std::min(n, k);
     for (int64_t s = n; s < k; ++s) keys[s] = Key(-__builtin_inff(), 0);
