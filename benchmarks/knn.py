@@ -5,17 +5,19 @@
     python benchmarks/knn.py --embeddings emb   # eval_knn.py --export emb's queries and bank
 
   ours   snca_jax.knn.knn_classify as eval_knn.py calls it (method='auto'; one device here),
-         exact in float32: where the CPU has bfloat16 products in hardware and the bank is
-         large beside K, the blocked search screening the bank in bfloat16 with a proof
-         (block maxima from cache-sized tiles of scores, then the best blocks' rows scored
-         again in float32); otherwise the native search (method='native': XLA's float32
-         products for 1,024 queries x 4,096 rows at a time, each tile's scores folded into
-         every query's running selection by a CPU kernel, snca_jax/cpu_select.cc)
+         exact in float32: the native search (XLA's products for 1,024 queries x 4,096 rows
+         at a time, each tile's scores folded into every query's running selection by a CPU
+         kernel, snca_jax/cpu_select.cc); where the CPU has bfloat16 products in hardware and
+         the bank is large beside K, screened in bfloat16 with a proof (the K + K/4 + 16 best
+         rows by bfloat16 score scored again in float32; queries without the proof searched
+         again with float32 products), else with float32 products
   ours_f32   the same with the screen off (screen='none')
-  screened   the blocked search with the screen wherever it can run (method='blocked',
+  native_screened  the native search screened wherever it can run (method='native',
              screen='bfloat16')
+  screened   the blocked search with the screen wherever it can run (method='blocked',
+             screen='bfloat16'), what 'auto' ran before for K = 30 on ImageNet's bank
   ours_bf16  the same, scoring in bfloat16 (float32 accumulation), without the proof
-  native     the native search, whatever 'auto' would choose (method='native')
+  native     the native search with float32 products (method='native', screen='none')
   tiled      the tiled search of small banks (method='tiled'), 'auto' before the native one:
              all the scores of 64 queries at a time, selected from by XLA while in cache
   blocked    the two-pass search (method='blocked'), screened where 'auto' would screen
@@ -178,8 +180,8 @@ def main(argv=None):
   p.add_argument('--batch_size', type=int, default=2048)
   p.add_argument('--repeats', type=int, default=3)
   p.add_argument('--methods', default='ours,ours_f32,ours_bf16',
-                 help='of ours, ours_f32, screened, ours_bf16, native, tiled, blocked, '
-                 'chunked; comma-separated')
+                 help='of ours, ours_f32, native_screened, screened, ours_bf16, native, tiled, '
+                 'blocked, chunked; comma-separated')
   p.add_argument('--embeddings', default='',
                  help='a folder written by eval_knn.py --export: its queries and database '
                  '(and their labels) instead of random unit rows')
@@ -276,7 +278,8 @@ def main(argv=None):
                          ('ours_f32', np.float32, 'auto', 'none'),
                          ('screened', np.float32, 'blocked', 'bfloat16'),
                          ('ours_bf16', jax.numpy.bfloat16, 'auto', 'auto'),
-                         ('native', np.float32, 'native', 'auto'),
+                         ('native', np.float32, 'native', 'none'),
+                         ('native_screened', np.float32, 'native', 'bfloat16'),
                          ('tiled', np.float32, 'tiled', 'auto'),
                          ('blocked', np.float32, 'blocked', 'auto'),
                          ('chunked', np.float32, 'chunked', 'auto'))

@@ -70,9 +70,10 @@ GROUP_BLOCKS = 8192
 # The candidate rows gathered for a tile of queries: 8 MB (K = 200: 2 queries; K = 30: 16),
 # faster than 64 MB on the AMD EPYC (BENCHMARKS.md, kNN search).
 RESCORE_BYTES = 2 ** 23
-# The exact float32 search screens the bank in bfloat16 where the CPU multiplies bfloat16 in
-# hardware (`screen='auto'`): the blocks whose bfloat16 maximum could hide one of the K best
-# float32 scores are scored again (`_screened_top_k`). It keeps SCREEN_BLOCKS(K) blocks; the
+# The exact float32 blocked search (where the native search's kernel cannot be built) screens
+# the bank in bfloat16 where the CPU multiplies bfloat16 in hardware (`screen='auto'`): the
+# blocks whose bfloat16 maximum could hide one of the K best float32 scores are scored again
+# (`_screened_top_k`). It keeps SCREEN_BLOCKS(K) blocks; the
 # first SCREEN_FIRST(K) are scored again for every query, the rest for the query tiles that
 # cannot yet prove their K best; queries that cannot prove them with all SCREEN_BLOCKS(K) are
 # searched again in float32, FALLBACK_SHARE of the queries at a time.
@@ -259,7 +260,6 @@ def _screened_top_k(q, bank, labels, *, k):
        after the last of them;
     3. the queries still without a proof searched again with float32 scores
        (`_plain_top_k`), a FALLBACK_SHARE-th of the queries at a time."""
-  nq = q.shape[0]
   full = bank.shape[0] // BLOCK * BLOCK
   first, keep = SCREEN_FIRST(k), SCREEN_BLOCKS(k)
   # The rows' rounding measured from the tiles the pass reads anyway, not in a pass of its own
@@ -282,7 +282,14 @@ def _screened_top_k(q, bank, labels, *, k):
     return jax.lax.cond(jnp.all(ok), lambda: found + (ok,), more)
 
   vals, idx, ok = _by_query_tiles(rescore, first, q, blocks, maxima, eps)
+  return _search_again(
+      q, vals, idx, ok, lambda qs: _plain_top_k(qs, bank, labels, k=k, matmul_dtype=jnp.float32))
 
+
+def _search_again(q, vals, idx, ok, search):
+  """`vals`, `idx` (Q, k) with the queries where `ok` is False replaced by `search(queries)`'s
+  (values, rows), a FALLBACK_SHARE-th of the queries at a time, only as many times as needed."""
+  nq = q.shape[0]
   share = max(1, -(-nq // FALLBACK_SHARE))
   order = jnp.argsort(ok, stable=True)                         # the unproven queries first
   order = jnp.pad(order, (0, -(-nq // share) * share - nq), mode='edge')
@@ -290,7 +297,7 @@ def _screened_top_k(q, bank, labels, *, k):
   def again(state):
     vals, idx, start = state
     pick = jax.lax.dynamic_slice_in_dim(order, start, share)
-    v, i = _plain_top_k(q[pick], bank, labels, k=k, matmul_dtype=jnp.float32)
+    v, i = search(q[pick])
     return vals.at[pick].set(v), idx.at[pick].set(i), start + share
 
   unproven = jnp.sum(~ok)
@@ -417,14 +424,15 @@ def _rescored(qt, bank, labels, vals, idx):
 # products. On the AMD EPYC, 2,048 x 2,048 had been 1-7% slower than 1,024 x 1,024.
 NATIVE_QUERIES = 1024
 NATIVE_TILE_BYTES = 2 ** 24
-# Where the native search is built, 'auto' screens a device's rows in bfloat16 (the blocked
-# search) only where the rows scored again are at most a NATIVE_SCREEN_SHARE-th of them.
-# ImageNet's bank, 2,048 queries, one device, 2-core AMD EPYC, screened / native
-# (benchmarks/knn.py, BENCHMARKS.md): K = 30 (a 527th) 2.66 / 3.41 s, K = 50 (a 345th) 2.93 /
-# 3.72, K = 100 (a 185th) 3.77 / 3.46, K = 200 (a 96th) 4.16 / 3.56. On a bank of at most
-# 65,536 rows it is at most a 113th: the native search (the demo's embeddings, K = 1: the
-# screen keeps many rows there).
-NATIVE_SCREEN_SHARE = 256
+# The float32 native search screens a device's rows in bfloat16 (`_native_screened_top_k`,
+# `screen='auto'`) where the CPU multiplies bfloat16 in hardware and the rows it scores again,
+# NATIVE_SCREEN_K(k) a query, are at most a NATIVE_SCREEN_SHARE-th of the device's. On the
+# 2-core Intel Xeon, 2,048 queries, one device, float32 native search / screened
+# (BENCHMARKS.md, kNN search): ImageNet's bank K = 30, 200, 1,000 2.72 / 0.98, 2.84 / 1.10,
+# 2.83 / 1.35 s; the demo's 60,000 rows 0.14 / 0.09, 0.16 / 0.12 s (a 226th scored again at K =
+# 200), 0.21 / 0.23 s (a 47th at K = 1,000).
+NATIVE_SCREEN_SHARE = 64
+NATIVE_SCREEN_K = lambda k: k + k // 4 + 16
 
 
 def _native_tiling(rows, nq):
@@ -433,12 +441,14 @@ def _native_tiling(rows, nq):
   return tile, min(rows, max(BLOCK, NATIVE_TILE_BYTES // (4 * tile) // BLOCK * BLOCK))
 
 
-def _native_top_k(q, bank, labels, *, k, matmul_dtype):
+def _native_top_k(q, bank, labels, *, k, matmul_dtype, measure=False):
   """This device's k best rows for every query, with the selection in a CPU kernel
   (`cpu_select`): NATIVE_QUERIES queries at a time, scored by XLA against a chunk of rows at a
   time, every chunk's scores folded into each query's running selection. Exact for these
   scores; with bfloat16 products the kernel scores the k found again in float32 and sorts them
-  again (`cpu_select.rescore`), so the similarities returned are float32's."""
+  again (`cpu_select.rescore`), so the similarities returned are float32's. `measure`: also
+  the k-th best score of the selection (Q,), before it is scored again, and the rows'
+  `rounding_extent`, from the chunks the search reads anyway (`_native_screened_top_k`)."""
   n, dim = bank.shape
   nq = q.shape[0]
   tile, chunk = _native_tiling(n, nq)
@@ -446,21 +456,55 @@ def _native_top_k(q, bank, labels, *, k, matmul_dtype):
   def one(qt):
     qm = qt.astype(matmul_dtype)
 
-    def fold(state, rows, fresh, chunk_rows, chunk_labels):
+    def fold(carry, rows, fresh, chunk_rows, chunk_labels):
+      state, extent = carry
+      chunk_labels = jnp.where(fresh, chunk_labels, -1)
       sims = jnp.einsum('qd,cd->qc', qm, chunk_rows.astype(matmul_dtype),
                         preferred_element_type=jnp.float32)
-      return cpu_select.fold(state, sims, jnp.where(fresh, chunk_labels, -1), rows[0],
-                             rows[-1] == n - 1, k=k)
+      state = cpu_select.fold(state, sims, chunk_labels, rows[0], rows[-1] == n - 1, k=k)
+      if measure:
+        extent = jax.tree.map(jnp.maximum, extent, rounding_extent(chunk_rows, chunk_labels))
+      return state, extent
 
-    state = bank_lib.scan_chunks(fold, cpu_select.init(tile, k), (bank, labels), chunk)
+    init = (cpu_select.init(tile, k), (jnp.float32(0), jnp.float32(0)) if measure else ())
+    state, extent = bank_lib.scan_chunks(fold, init, (bank, labels), chunk)
     vals, idx = cpu_select.result(state, k)
+    kth = jnp.min(vals, axis=1)
     if jnp.dtype(matmul_dtype) != jnp.float32:
       vals, idx = cpu_select.rescore(qt, bank, vals, idx)
-    return vals, idx
+    return vals, idx, kth, extent
 
   padded = -(-nq // tile) * tile
-  vals, idx = jax.lax.map(one, jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim))
-  return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+  vals, idx, kth, extent = jax.lax.map(
+      one, jnp.pad(q, ((0, padded - nq), (0, 0))).reshape(-1, tile, dim))
+  vals, idx = vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
+  if not measure:
+    return vals, idx
+  return vals, idx, kth.reshape(padded)[:nq], jax.tree.map(jnp.max, extent)
+
+
+def _native_screened_top_k(q, bank, labels, *, k):
+  """This device's k best rows for every query by float32 score, exactly, from the native
+  search with bfloat16 products (`_native_top_k`; where the CPU multiplies bfloat16 in
+  hardware, most of the float32 products' time saved):
+    1. the NATIVE_SCREEN_K(k) best rows by bfloat16 score, scored again in float32 by the
+       kernel and sorted (best first, ties to the lower row); s, the last of them's bfloat16
+       score;
+    2. no row left out scores above s + eps in float32 (`screening_error`), so where the k-th
+       best float32 score found exceeds that, the k found are the k best (a row of equal score
+       left out cannot be among them: the test is strict);
+    3. the queries without that proof searched again with float32 products, a
+       FALLBACK_SHARE-th of the queries at a time (`_search_again`)."""
+  n = bank.shape[0]
+  keep = min(NATIVE_SCREEN_K(k), n)
+  vals, idx, last, extent = _native_top_k(q, bank, labels, k=keep, matmul_dtype=jnp.bfloat16,
+                                          measure=True)
+  vals, idx = vals[:, :k], idx[:, :k]
+  eps = screening_error(q, *extent)
+  ok = (jnp.min(vals, axis=1) > last + eps) | (last == -jnp.inf) | (keep == n)
+  return _search_again(
+      q, vals, idx, ok,
+      lambda qs: _native_top_k(qs, bank, labels, k=k, matmul_dtype=jnp.float32))
 
 
 def _is_small(rows):
@@ -517,6 +561,19 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
 
 
+def _screens_native(rows, k, matmul_dtype, screen) -> bool:
+  """Whether the native search over `rows` rows screens them in bfloat16
+  (`_native_screened_top_k`): where `matmul_dtype` is float32 and `screen` says so: 'auto'
+  (where the CPU multiplies bfloat16 in hardware and the rows scored again are at most a
+  NATIVE_SCREEN_SHARE-th of the device's), 'bfloat16' or 'none'."""
+  if screen not in ('auto', 'bfloat16', 'none'):
+    raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
+  if screen == 'auto':
+    screen = ('bfloat16' if hardware.bfloat16_in_hardware()
+              and NATIVE_SCREEN_K(k) * NATIVE_SCREEN_SHARE <= rows else 'none')
+  return jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
+
+
 def _screens(rows, k, matmul_dtype, screen) -> bool:
   """Whether the blocked search over `rows` rows screens them in bfloat16 (`_screened_top_k`):
   where `matmul_dtype` is float32 and `screen` says so: 'auto' (where the CPU multiplies
@@ -542,15 +599,12 @@ def _blocked_top_k(q, bank, labels, *, k, matmul_dtype, screen='auto'):
 
 def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   """This device's k best rows: the native search ('native': XLA's products, the selection in a
-  CPU kernel), the tiled search for small banks ('tiled'), the blocked one ('blocked'), or the
-  chunked one ('chunked'). 'auto' on CPUs: the blocked search where it screens the rows in
-  bfloat16 (`_screens`) and the rows it scores again are at most a NATIVE_SCREEN_SHARE-th of
-  the device's (its bfloat16 products then make it the faster, as for K = 30 on ImageNet's
-  bank), else the native search where its kernel is built (`cpu_select.available`); else as
-  before it: the tiled search where the device's rows are few (`_is_small`) and would not be
-  screened, the blocked one where it holds at least k blocks of rows
-  (accelerators keep the chunked one, whose few large products suit them, until the others are
-  timed there). `screen`: `_screens`'s."""
+  CPU kernel; screened in bfloat16 where `_screens_native` says so), the tiled search for small
+  banks ('tiled'), the blocked one ('blocked'), or the chunked one ('chunked'). 'auto' on CPUs:
+  the native search where its kernel is built (`cpu_select.available`); else as before it: the
+  tiled search where the device's rows are few (`_is_small`) and would not be screened, the
+  blocked one where it holds at least k blocks of rows (accelerators keep the chunked one, whose
+  few large products suit them, until the others are timed there). `screen`: `_screens`'s."""
   k = min(k, bank.shape[0])
   if method not in ('auto', 'native', 'tiled', 'blocked', 'chunked'):
     raise ValueError(f"kNN method {method!r}: use 'auto', 'native', 'tiled', 'blocked' or "
@@ -558,11 +612,12 @@ def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   rows = bank.shape[0]
   cpu = method == 'auto' and jax.default_backend() == 'cpu'
   screens = _screens(rows, k, matmul_dtype, screen)
-  screen_first = screens and SCREEN_BLOCKS(k) * BLOCK * NATIVE_SCREEN_SHARE <= rows
-  if method == 'native' or (cpu and not screen_first and cpu_select.available()):
+  if method == 'native' or (cpu and cpu_select.available()):
     if not (jax.default_backend() == 'cpu' and cpu_select.available()):
       raise ValueError("kNN method 'native' runs on the CPU, with its selection kernel built "
                        "(snca_jax/cpu_select.py): use 'auto'")
+    if _screens_native(rows, k, matmul_dtype, screen):
+      return _native_screened_top_k(q, bank, labels, k=k)
     return _native_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
   if method == 'tiled' or (cpu and _is_small(rows) and not screens):
     return _tiled_top_k(q, bank, labels, k=k, matmul_dtype=matmul_dtype)
@@ -593,11 +648,11 @@ def top_k_neighbors(queries, bank, bank_labels, *, k, mesh, chunk_size=16384,
   return their float32 similarities). `method`: 'native' (XLA's products, the selection in a CPU
   kernel, `_native_top_k`), 'tiled' (all a device's scores for a tile of queries,
   `_tiled_top_k`), 'blocked' (two passes over blocks of rows, `_blocked_top_k`), 'chunked' (a
-  running top k over chunks, `_local_top_k`), or 'auto' (on CPUs blocked where it screens the
-  bank in bfloat16 and scores few rows again, else native, or where its kernel cannot be built
-  tiled for few rows and blocked for many: `_search`). `screen`: whether the blocked search in
-  float32 screens the bank in bfloat16 first, exactly still ('auto': where the CPU multiplies
-  bfloat16 in hardware; 'bfloat16'; 'none'; `_blocked_top_k`)."""
+  running top k over chunks, `_local_top_k`), or 'auto' (on CPUs native, or where its kernel
+  cannot be built tiled for few rows and blocked for many: `_search`). `screen`: whether the
+  native or blocked search in float32 screens the bank in bfloat16 first, exactly still
+  ('auto': where the CPU multiplies bfloat16 in hardware and few rows are scored again;
+  'bfloat16'; 'none'; `_native_screened_top_k`, `_blocked_top_k`)."""
 
   def per_device(q, b, l):
     vals, idx = _search(q, b, l, k=k, chunk=chunk_size, matmul_dtype=matmul_dtype,

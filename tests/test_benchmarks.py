@@ -102,14 +102,16 @@ def test_knn_finds_faiss_neighbours():
   constants from the command line, and only the methods asked for (one process: the suite's
   time)."""
   out = run(sys.executable, 'benchmarks/knn.py', '--smoke',
-            '--methods=ours,ours_bf16,tiled,blocked', '--block=16', '--group_blocks=64',
+            '--methods=ours,ours_bf16,native_screened,tiled,blocked', '--block=16',
+            '--group_blocks=64',
             '--tile_queries=8', '--count_from_k=1', '--native_queries=16', '--native_tile_mb=1')
   assert out.count('blocks of 16, 64 maxima a group, 8 queries a tile (small banks), counted '
                    'from K = 1; native tiles of 16 queries x 1 MB;') == 2          # K = 30, 200
-  # ours: the native search on the smoke run's small bank; tiled; blocked: the two-pass one
-  rows = re.findall(r'^(?:ours|tiled|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+([\d.]+)%\s+([\d.]+)%',
-                    out, re.M)
-  assert len(rows) == 6, out
+  # ours: the native search on the smoke run's small bank; native_screened: the same screened
+  # in bfloat16; tiled; blocked: the two-pass one
+  rows = re.findall(r'^(?:ours|native_screened|tiled|blocked)\s+[\d.]+\s+\d+\s+[\d.]+\s+'
+                    r'([\d.]+)%\s+([\d.]+)%', out, re.M)
+  assert len(rows) == 8, out
   assert all(float(overlap) >= 99.5 and float(same) == 100.0 for overlap, same in rows)
   assert len(re.findall(r'^ours_bf16\s', out, re.M)) == 2
   assert not re.search(r'^chunked\s', out, re.M)
