@@ -73,7 +73,9 @@ def parts_of_search(queries, bank, labels, k, repeats):
   maxima's, the selection's and the rescoring's costs. Where the native search is built, its
   products in its tiles (a maximum over each tile's rows taken, so that its scores are read
   once, as its kernel reads them) and the whole native search: the difference is the kernel's
-  selection. On a small bank (`knn._is_small`) also the tiled search's products with their
+  selection; and the native search in float32 screened in bfloat16, with the queries whose
+  screen proves their K best (the others are searched again). On a small bank
+  (`knn._is_small`) also the tiled search's products with their
   block maxima, and the whole tiled search: the difference is its selection."""
   import functools
 
@@ -151,7 +153,8 @@ def parts_of_search(queries, bank, labels, k, repeats):
     rows += [('native: products + a pass over them, float32', native_products(f32)),
              ('native: products + a pass over them, bfloat16', native_products(bf16)),
              ('native search, float32', whole(knn._native_top_k, matmul_dtype=f32)),
-             ('native search, bfloat16', whole(knn._native_top_k, matmul_dtype=bf16))]
+             ('native search, bfloat16', whole(knn._native_top_k, matmul_dtype=bf16)),
+             ('native search, float32 screened', whole(knn._native_screened_top_k))]
   if knn._is_small(bank.shape[0]):
     rows += [('tiled: products + block maxima, float32', tiled_maxima(f32)),
              ('tiled: products + block maxima, bfloat16', tiled_maxima(bf16)),
@@ -167,6 +170,11 @@ def parts_of_search(queries, bank, labels, k, repeats):
   gathered = nq * again * bank.shape[1] * 4
   print(f'  (the plain search scores {again:,} rows a query again: {gathered / 1e9:.2f} GB '
         f'gathered, {gathered / bank.nbytes:.1f} x the bank)')
+  if cpu_select.available():
+    proven = int(jnp.sum(jax.jit(lambda q, b, l: knn._native_screen(q, b, l, k=k)[2])(
+        q, bank, labels)))
+    print(f'  (the screened native search proves {proven:,} of the {nq:,} queries; the others '
+          'are searched again with float32 products)')
   print()
 
 
@@ -295,14 +303,15 @@ def main(argv=None):
           f'{knn.COUNT_FROM_K}; native tiles of {knn.NATIVE_QUERIES} queries x '
           f'{knn.NATIVE_TILE_BYTES >> 20} MB; bfloat16 '
           f"products in hardware: {'yes' if hardware.bfloat16_in_hardware() else 'no'}")
-    print(f"{'method':10s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
+    w = max([10] + [len(m[0]) + 1 for m in methods])
+    print(f"{'method':{w}s}{'seconds':>9s}{'queries/s':>11s}{'x faiss':>9s}"
           f"{'top-K overlap':>15s}{'same class':>12s}")
-    print(f"{'faiss':10s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
+    print(f"{'faiss':{w}s}{t_faiss:9.2f}{args.q / t_faiss:11.0f}{1:9.2f}")
     for (name, *how), (scores, t) in zip(methods, results[1:]):
       idx = ours_neighbors(k, *how)
       overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, faiss_idx)])
       same = np.mean(np.argmax(scores, 1) == np.argmax(faiss_scores, 1))
-      print(f"{name:10s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
+      print(f"{name:{w}s}{t:9.2f}{args.q / t:11.0f}{t_faiss / t:9.2f}{100 * overlap:14.2f}%"
             f"{100 * same:11.2f}%")
     print()
     if args.parts:

@@ -427,10 +427,11 @@ NATIVE_TILE_BYTES = 2 ** 24
 # The float32 native search screens a device's rows in bfloat16 (`_native_screened_top_k`,
 # `screen='auto'`) where the CPU multiplies bfloat16 in hardware and the rows it scores again,
 # NATIVE_SCREEN_K(k) a query, are at most a NATIVE_SCREEN_SHARE-th of the device's. On the
-# 2-core Intel Xeon, 2,048 queries, one device, float32 native search / screened
-# (BENCHMARKS.md, kNN search): ImageNet's bank K = 30, 200, 1,000 2.72 / 0.98, 2.84 / 1.10,
-# 2.83 / 1.35 s; the demo's 60,000 rows 0.14 / 0.09, 0.16 / 0.12 s (a 226th scored again at K =
-# 200), 0.21 / 0.23 s (a 47th at K = 1,000).
+# 2-core Intel Xeon, one device, the native search with float32 products / screened
+# (benchmarks/knn.py, BENCHMARKS.md): ImageNet's bank, 2,048 queries, K = 30, 200, 1,000 2.71 /
+# 0.96, 2.78 / 1.09, 2.89 / 1.23 s; the demo's 60,000 rows, 10,000 queries, K = 1, 30 0.69 /
+# 0.41, 0.73 / 0.48 s, K = 200 0.85 / 0.67 s (a 226th scored again), K = 1,000 1.10 / 1.20 s
+# (a 47th).
 NATIVE_SCREEN_SHARE = 64
 NATIVE_SCREEN_K = lambda k: k + k // 4 + 16
 
@@ -495,16 +496,22 @@ def _native_screened_top_k(q, bank, labels, *, k):
        left out cannot be among them: the test is strict);
     3. the queries without that proof searched again with float32 products, a
        FALLBACK_SHARE-th of the queries at a time (`_search_again`)."""
+  vals, idx, ok = _native_screen(q, bank, labels, k=k)
+  return _search_again(
+      q, vals, idx, ok,
+      lambda qs: _native_top_k(qs, bank, labels, k=k, matmul_dtype=jnp.float32))
+
+
+def _native_screen(q, bank, labels, *, k):
+  """Steps 1 and 2 of `_native_screened_top_k`: (values, rows) (Q, k), and whether each query's
+  are proven its k best (Q,)."""
   n = bank.shape[0]
   keep = min(NATIVE_SCREEN_K(k), n)
   vals, idx, last, extent = _native_top_k(q, bank, labels, k=keep, matmul_dtype=jnp.bfloat16,
                                           measure=True)
   vals, idx = vals[:, :k], idx[:, :k]
   eps = screening_error(q, *extent)
-  ok = (jnp.min(vals, axis=1) > last + eps) | (last == -jnp.inf) | (keep == n)
-  return _search_again(
-      q, vals, idx, ok,
-      lambda qs: _native_top_k(qs, bank, labels, k=k, matmul_dtype=jnp.float32))
+  return vals, idx, (jnp.min(vals, axis=1) > last + eps) | (last == -jnp.inf) | (keep == n)
 
 
 def _is_small(rows):

@@ -119,8 +119,8 @@ def test_knn_finds_faiss_neighbours():
 
 def test_knn_on_exported_embeddings(tmp_path):
   """`--embeddings` reads what `eval_knn.py --export` writes, and the screened search finds
-  faiss's neighbours there; `--parts` says where its time goes (the native search's and, on
-  this small bank, the tiled search's too)."""
+  faiss's neighbours there; `--parts` says where its time goes (the native search's, screened
+  too, with the queries its screen proves, and, on this small bank, the tiled search's)."""
   rng = np.random.default_rng(0)
   unit = lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
   bank = unit(rng.normal(size=(3000, 16)))
@@ -134,15 +134,19 @@ def test_knn_on_exported_embeddings(tmp_path):
   assert 'where the time goes, K=5, 32 queries, one device, 2,976 rows in blocks of 32' in out
   parts = re.findall(r'^  (\S.*\S)\s+[\d.]+ s$', out, re.M)
   assert parts[0] == 'the bank read once (summed)' and 'screened search' in parts, out
-  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 19, out
-  assert parts[-8:-4] == ['native: products + a pass over them, float32',
+  assert 'first pass, bfloat16, 27 blocks (screened)' in parts and len(parts) == 20, out
+  assert parts[-9:-4] == ['native: products + a pass over them, float32',
                           'native: products + a pass over them, bfloat16',
-                          'native search, float32', 'native search, bfloat16'], out
+                          'native search, float32', 'native search, bfloat16',
+                          'native search, float32 screened'], out
   assert parts[-4:] == ['tiled: products + block maxima, float32',      # a small bank
                         'tiled: products + block maxima, bfloat16',
                         'tiled search, float32', 'tiled search, bfloat16'], out
   assert '(the plain search scores 160 rows a query again: 0.00 GB gathered, 1.7 x the bank)' \
       in out, out
+  proven = re.search(r'\(the screened native search proves (\d+) of the 32 queries; the others '
+                     r'are searched again with float32 products\)', out)
+  assert proven and int(proven.group(1)) == 32, out    # gaps far above bfloat16's error here
 
 
 def test_memory_and_scaling_reports():
