@@ -270,7 +270,7 @@ def _screened_top_k(q, bank, labels, *, k):
 
   def proven(vals, m, e):
     kth = jnp.min(vals, axis=1)        # the k-th best: not vals[:, -1] (4x slower on XLA's CPU)
-    return (m + e < kth) | (m == -jnp.inf)
+    return (jnp.nextafter(m + e, jnp.inf) < kth) | (m == -jnp.inf)     # the sum rounded up
 
   def rescore(qt, bt, mt, et):
     found = _top(k, _score_blocks(qt, bank, labels, bt[:, :first]), _tail(qt, bank, labels, full))
@@ -510,8 +510,8 @@ def _native_screen(q, bank, labels, *, k):
   vals, idx, last, extent = _native_top_k(q, bank, labels, k=keep, matmul_dtype=jnp.bfloat16,
                                           measure=True)
   vals, idx = vals[:, :k], idx[:, :k]
-  eps = screening_error(q, *extent)
-  return vals, idx, (jnp.min(vals, axis=1) > last + eps) | (last == -jnp.inf) | (keep == n)
+  bar = jnp.nextafter(last + screening_error(q, *extent), jnp.inf)   # the sum rounded up
+  return vals, idx, (jnp.min(vals, axis=1) > bar) | (last == -jnp.inf) | (keep == n)
 
 
 def _is_small(rows):
