@@ -73,10 +73,10 @@ RESCORE_BYTES = 2 ** 23
 # The exact float32 blocked search (where the native search's kernel cannot be built) screens
 # the bank in bfloat16 where the CPU multiplies bfloat16 in hardware (`screen='auto'`): the
 # blocks whose bfloat16 maximum could hide one of the K best float32 scores are scored again
-# (`_screened_top_k`). It keeps SCREEN_BLOCKS(K) blocks; the
-# first SCREEN_FIRST(K) are scored again for every query, the rest for the query tiles that
-# cannot yet prove their K best; queries that cannot prove them with all SCREEN_BLOCKS(K) are
-# searched again in float32, FALLBACK_SHARE of the queries at a time.
+# (`_screened_top_k`). It keeps SCREEN_BLOCKS(K) blocks; the first SCREEN_FIRST(K) are scored
+# again for every query, the rest for the query tiles that cannot yet prove their K best;
+# queries that cannot prove them with all SCREEN_BLOCKS(K) are searched again in float32,
+# FALLBACK_SHARE of the queries at a time (as the native search's screen does too).
 SCREEN_FIRST = lambda k: k + k // 4 + 8
 SCREEN_BLOCKS = lambda k: 2 * k + 16
 FALLBACK_SHARE = 8
@@ -611,7 +611,8 @@ def _search(q, bank, labels, *, k, chunk, matmul_dtype, method, screen):
   the native search where its kernel is built (`cpu_select.available`); else as before it: the
   tiled search where the device's rows are few (`_is_small`) and would not be screened, the
   blocked one where it holds at least k blocks of rows (accelerators keep the chunked one, whose
-  few large products suit them, until the others are timed there). `screen`: `_screens`'s."""
+  few large products suit them, until the others are timed there). `screen`:
+  `_screens_native`'s and `_screens`'s."""
   k = min(k, bank.shape[0])
   if method not in ('auto', 'native', 'tiled', 'blocked', 'chunked'):
     raise ValueError(f"kNN method {method!r}: use 'auto', 'native', 'tiled', 'blocked' or "
