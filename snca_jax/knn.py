@@ -470,7 +470,7 @@ def _native_top_k(q, bank, labels, *, k, matmul_dtype, measure=False):
     init = (cpu_select.init(tile, k), (jnp.float32(0), jnp.float32(0)) if measure else ())
     state, extent = bank_lib.scan_chunks(fold, init, (bank, labels), chunk)
     vals, idx = cpu_select.result(state, k)
-    kth = jnp.min(vals, axis=1)
+    kth = jnp.min(vals, axis=1) if measure else ()          # the last, sorted: as a min
     if jnp.dtype(matmul_dtype) != jnp.float32:
       vals, idx = cpu_select.rescore(qt, bank, vals, idx)
     return vals, idx, kth, extent
@@ -568,30 +568,29 @@ def _tiled_top_k(q, bank, labels, *, k, matmul_dtype):
   return vals.reshape(padded, k)[:nq], idx.reshape(padded, k)[:nq]
 
 
-def _screens_native(rows, k, matmul_dtype, screen) -> bool:
-  """Whether the native search over `rows` rows screens them in bfloat16
-  (`_native_screened_top_k`): where `matmul_dtype` is float32 and `screen` says so: 'auto'
-  (where the CPU multiplies bfloat16 in hardware and the rows scored again are at most a
-  NATIVE_SCREEN_SHARE-th of the device's), 'bfloat16' or 'none'."""
+def _screen_asked(screen, matmul_dtype, few_again) -> bool:
+  """Whether a float32 search screens in bfloat16 where `screen` says so: 'auto' (where the CPU
+  multiplies bfloat16 in hardware and `few_again`: the rows scored again are few beside the
+  device's), 'bfloat16' or 'none'."""
   if screen not in ('auto', 'bfloat16', 'none'):
     raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
   if screen == 'auto':
-    screen = ('bfloat16' if hardware.bfloat16_in_hardware()
-              and NATIVE_SCREEN_K(k) * NATIVE_SCREEN_SHARE <= rows else 'none')
+    screen = 'bfloat16' if hardware.bfloat16_in_hardware() and few_again else 'none'
   return jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
 
 
+def _screens_native(rows, k, matmul_dtype, screen) -> bool:
+  """Whether the native search over `rows` rows screens them in bfloat16
+  (`_native_screened_top_k`; 'auto': where at most a NATIVE_SCREEN_SHARE-th of them are scored
+  again)."""
+  return _screen_asked(screen, matmul_dtype, NATIVE_SCREEN_K(k) * NATIVE_SCREEN_SHARE <= rows)
+
+
 def _screens(rows, k, matmul_dtype, screen) -> bool:
-  """Whether the blocked search over `rows` rows screens them in bfloat16 (`_screened_top_k`):
-  where `matmul_dtype` is float32 and `screen` says so: 'auto' (where the CPU multiplies
-  bfloat16 in hardware and the rows scored again are few beside the device's:
-  SCREEN_MIN_SHARE), 'bfloat16' or 'none'."""
-  if screen not in ('auto', 'bfloat16', 'none'):
-    raise ValueError(f"kNN screen {screen!r}: use 'auto', 'bfloat16' or 'none'")
-  if screen == 'auto':
-    screen = ('bfloat16' if hardware.bfloat16_in_hardware()
-              and SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= rows else 'none')
-  return (jnp.dtype(matmul_dtype) == jnp.float32 and screen == 'bfloat16'
+  """Whether the blocked search over `rows` rows screens them in bfloat16 (`_screened_top_k`;
+  'auto': where at most a SCREEN_MIN_SHARE-th of them are scored again), where it holds more
+  than SCREEN_BLOCKS(k) blocks."""
+  return (_screen_asked(screen, matmul_dtype, SCREEN_BLOCKS(k) * BLOCK * SCREEN_MIN_SHARE <= rows)
           and rows // BLOCK > SCREEN_BLOCKS(k))
 
 
